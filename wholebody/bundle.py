@@ -10,6 +10,7 @@ The real bundle works unchanged; `make_test_bundle` writes one of the same layou
 weights, because the real weights cannot be downloaded on machines without internet access.
 
     python -m wholebody.bundle make-test --out .cache/test_bundle --init-filters 8
+    python -m wholebody.bundle install --bundle .cache/test_bundle   # into model_repository/
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from wholebody.contract import IN_CHANNELS, NUM_CLASSES, RESOLUTIONS
+from wholebody.contract import IN_CHANNELS, MODEL_REPOSITORY, NUM_CLASSES, RESOLUTIONS, TORCH_VARIANTS, network_model_name
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,36 @@ def make_test_bundle(out: Path, init_filters: int = 32, seed: int = 0) -> Path:
     return out
 
 
+def install_bundle(bundle_dir: Path, model_repository: Path) -> list[Path]:
+    """Put the bundle's network_def and checkpoints into every PyTorch network model of the repository.
+
+    Each checkpoint is loaded into the network first, so one that does not fit fails here, not in
+    the server. Files are hard-linked where possible (the fp32 and amp models share a checkpoint)
+    and written under a temporary name, then renamed.
+    """
+    network_def = read_network_def(bundle_dir)
+    installed = []
+    for resolution in sorted(RESOLUTIONS):
+        source = checkpoint_path(bundle_dir, resolution)
+        load_checkpoint(build_network(network_def), source)
+        for variant in TORCH_VARIANTS:
+            version_dir = Path(model_repository) / network_model_name(resolution, variant) / "1"
+            if not version_dir.parent.joinpath("config.pbtxt").exists():
+                raise BundleError(f"{version_dir.parent} is not a model of this repository (no config.pbtxt)")
+            version_dir.mkdir(exist_ok=True)
+            target = version_dir / source.name
+            partial = target.with_name(target.name + ".partial")
+            partial.unlink(missing_ok=True)
+            try:
+                os.link(source, partial)
+            except OSError:
+                shutil.copyfile(source, partial)
+            partial.replace(target)
+            (version_dir / "network_def.json").write_text(json.dumps(network_def, indent=2) + "\n")
+            installed.append(target)
+    return installed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wholebody.bundle", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,8 +185,21 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     make.add_argument("--init-filters", type=int, default=32, help="32 is the real network; 8 is ~16x faster")
     make.add_argument("--seed", type=int, default=0)
+    install = sub.add_parser(
+        "install", help="put a bundle's checkpoints into the PyTorch network models of a model repository"
+    )
+    install.add_argument("--bundle", type=Path, required=True, help="MONAI bundle directory")
+    install.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "install":
+        try:
+            for path in install_bundle(args.bundle, args.model_repository):
+                log.info("installed %s", path)
+        except BundleError as exc:
+            log.error("error: %s", exc)
+            return 2
+        return 0
     out = make_test_bundle(args.out, init_filters=args.init_filters, seed=args.seed)
     log.info("wrote test bundle %s (init_filters=%d, seed=%d)", out, args.init_filters, args.seed)
     return 0

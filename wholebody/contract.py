@@ -28,7 +28,9 @@ SLIDING_WINDOW = "sliding_window"
 POSTPROCESS = "postprocess"
 NORMALIZED_IMAGE = "normalized_image"  # FP32 [-1,-1,-1]: RAS, resampled, intensity-normalised
 RESAMPLED_AFFINE = "resampled_affine"  # FP64 [4, 4]: the affine of NORMALIZED_IMAGE
-INPUT_SHAPE = "input_shape"  # INT64 [3]: the spatial shape of IMAGE
+ORIENTED_AFFINE = "oriented_affine"  # FP64 [4, 4]: IMAGE's grid after Orientation(RAS)
+ORIENTED_SHAPE = "oriented_shape"  # INT64 [3]: IMAGE's shape after Orientation(RAS)
+RESOLVED_RESOLUTION = "resolved_resolution"  # BYTES [1]: RESOLUTION, or the server's default
 RESAMPLED_LABEL_MAP = "resampled_label_map"  # UINT8 [-1,-1,-1], on NORMALIZED_IMAGE's grid
 
 # --- the network models: every variant has the same contract -----------------------------------

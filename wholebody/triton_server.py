@@ -140,13 +140,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def models_with_config(model_repository: Path, config_name: str) -> list[str]:
+    """Models that have `configs/<config_name>.pbtxt`, plus the ensembles (they run anywhere).
+
+    On a CPU box this leaves out GPU-only models (the TensorRT plans) that would fail to load.
+    """
+    names = []
+    for model_dir in sorted(p for p in Path(model_repository).iterdir() if p.is_dir()):
+        config = model_dir / "config.pbtxt"
+        if (model_dir / "configs" / f"{config_name}.pbtxt").exists():
+            names.append(model_dir.name)
+        elif config.exists() and 'platform: "ensemble"' in config.read_text():
+            names.append(model_dir.name)
+    return names
+
+
 @dataclass
 class LocalTritonServer:
     """A tritonserver process on loopback, in its own process group.
 
     Use as a context manager; `grpc_url` is what clients connect to. `config_name="cpu"` loads each
     model's `configs/cpu.pbtxt` where it has one (CPU instances) and `config.pbtxt` otherwise.
-    `models=None` loads the whole repository; a list loads only those models (explicit mode).
+    `models=None` loads every model that has that config (all of them when `config_name` is None);
+    a list loads only those models.
     """
 
     model_repository: Path = MODEL_REPOSITORY
@@ -193,9 +209,12 @@ class LocalTritonServer:
         ]
         if self.config_name:
             cmd.append(f"--model-config-name={self.config_name}")
-        if self.models is not None:
+        models = self.models
+        if models is None and self.config_name:
+            models = models_with_config(self.model_repository, self.config_name)
+        if models is not None:
             cmd.append("--model-control-mode=explicit")
-            cmd += [f"--load-model={m}" for m in self.models]
+            cmd += [f"--load-model={m}" for m in models]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:

@@ -1,0 +1,176 @@
+"""The thin Triton layer shared by the Python-backend models of `model_repository/`.
+
+Import this only inside a Triton Python backend stub: it needs `triton_python_backend_utils`.
+Each model's `model.py` parses its config once in `initialize`, then answers every request of a
+batch on its own (one bad request never fails the others) by calling plain functions from
+`wholebody` that know nothing of Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import to_dlpack
+
+from wholebody.bundle import build_network, load_checkpoint
+from wholebody.contract import LOGITS, WINDOW
+
+
+def model_logger(args: dict[str, str]) -> logging.Logger:
+    """A logger named after the model instance, writing to the stub's stderr (the server log)."""
+    logger = logging.getLogger(f"wholebody.{args['model_instance_name']}")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def instance_device(args: dict[str, str]) -> torch.device:
+    """cuda:N for a KIND_GPU instance, the CPU otherwise."""
+    if args["model_instance_kind"] == "GPU":
+        return torch.device("cuda", int(args["model_instance_device_id"]))
+    return torch.device("cpu")
+
+
+def parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    """The config's `parameters` as a plain {key: string_value} dict."""
+    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+
+
+def required_parameter(params: dict[str, str], key: str) -> str:
+    if key not in params or params[key] == "":
+        raise ValueError(f"config.pbtxt must set parameter {key!r}")
+    return params[key]
+
+
+def input_tensor(request: Any, name: str, device: torch.device) -> torch.Tensor:
+    """A request input as a torch tensor on `device` (zero-copy where DLPack allows)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise ValueError(f"request has no input {name!r}")
+    return torch.from_dlpack(tensor.to_dlpack()).to(device)
+
+
+def optional_string(request: Any, name: str, default: str) -> str:
+    """A BYTES [1] input as str, or `default` when absent or empty."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise ValueError(f"input {name!r} must hold one string, got {values.size}")
+    value = values[0]
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    return text or default
+
+
+def output_tensor(name: str, tensor: torch.Tensor) -> Any:
+    """A torch tensor as a Triton output tensor, by DLPack (stays on its device)."""
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))
+
+
+def string_tensor(name: str, value: str) -> Any:
+    return pb_utils.Tensor(name, np.array([value.encode()], dtype=np.object_))
+
+
+def respond_each(
+    requests: Sequence[Any],
+    handle: Callable[[Any], list[Any]],
+    logger: logging.Logger,
+    expected_errors: tuple[type[BaseException], ...] = (ValueError,),
+) -> list[Any]:
+    """One response per request: `handle(request)`'s output tensors, or that request's error.
+
+    Errors of the `expected_errors` types are the caller's fault and go back as they are; anything
+    else is logged with its traceback and reported as an internal error.
+    """
+    responses = []
+    for request in requests:
+        try:
+            responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
+        except expected_errors as exc:
+            logger.info("rejected a request: %s", exc)
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        except Exception as exc:  # reported to the client, traceback to the server log
+            logger.exception("request failed")
+            message = f"internal error in {logger.name.removeprefix('wholebody.')}: {type(exc).__name__}: {exc}"
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+    return responses
+
+
+class TorchNetworkModel:
+    """A network model served by PyTorch: a batch of windows in, logits out.
+
+    The version folder holds `network_def.json` (the bundle's network_def) and the checkpoint named
+    by the `checkpoint` parameter; `precision` is `fp32` (TF32 off, as the bundle table's torch_fp32)
+    or `amp` (autocast: fp16 on GPU, bf16 on CPU, as the bundle's evaluator `amp=True`).
+    """
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.logger = model_logger(args)
+        config = json.loads(args["model_config"])
+        params = parameters(config)
+        self.device = instance_device(args)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.precision = required_parameter(params, "precision")
+        if self.precision not in ("fp32", "amp"):
+            raise ValueError(f"parameter precision must be 'fp32' or 'amp', got {self.precision!r}")
+        network_def_path = version_dir / "network_def.json"
+        checkpoint = version_dir / required_parameter(params, "checkpoint")
+        if not network_def_path.exists() or not checkpoint.exists():
+            raise FileNotFoundError(
+                f"{version_dir} lacks network_def.json or {checkpoint.name}: install a bundle with "
+                "`python -m wholebody.bundle install --bundle DIR`"
+            )
+        network = build_network(json.loads(network_def_path.read_text()))
+        self.network = load_checkpoint(network, checkpoint).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.logger.info("serving %s (%s) on %s", checkpoint, self.precision, self.device)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.precision == "amp"
+        ):
+            return self.network(windows).float()
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        # Dynamic batching: run the batch's windows in one forward, then split per request.
+        responses: list[Any] = [None] * len(requests)
+        batch, owners = [], []
+        for index, request in enumerate(requests):
+            try:
+                windows = input_tensor(request, WINDOW, self.device)
+                batch.append(windows)
+                owners.append((index, windows.shape[0]))
+            except ValueError as exc:
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+        if batch:
+            try:
+                logits = self.forward(torch.cat(batch))
+                for (index, count), part in zip(owners, torch.split(logits, [c for _, c in owners])):
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=[output_tensor(LOGITS, part)])
+            except Exception as exc:
+                self.logger.exception("forward failed")
+                for index, _ in owners:
+                    responses[index] = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"network forward failed: {type(exc).__name__}: {exc}")
+                    )
+        return responses
+
+    def finalize(self) -> None:
+        self.network = None  # type: ignore[assignment]
