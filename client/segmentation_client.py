@@ -14,7 +14,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -183,7 +185,8 @@ class SegmentationClient:
                 return result.as_numpy(LABEL_MAP)
             return self._infer_shared_memory(image, image_input, inputs, output)
         except InferenceServerException as exc:
-            raise SegmentationError(exc.message() or str(exc)) from None
+            message = exc.message() or str(exc)
+            raise SegmentationError(re.sub(r"^in ensemble '[^']*', ", "", message)) from None
 
     def _infer_shared_memory(
         self,
@@ -208,11 +211,21 @@ class SegmentationClient:
             return np.array(shm.get_contents_as_numpy(handles["out"], np.uint8, list(shape)))
         finally:
             for role, handle in handles.items():
-                name = regions[role][0]
                 try:
-                    self._client.unregister_system_shared_memory(name)
+                    self._unregister(regions[role][0])
                 finally:
                     shm.destroy_shared_memory_region(handle)
+
+    def _unregister(self, name: str, attempts: int = 50) -> None:
+        """Unregister a region; the server may hold it for a moment after the response arrives."""
+        for attempt in range(attempts):
+            try:
+                self._client.unregister_system_shared_memory(name)
+                return
+            except InferenceServerException as exc:
+                if "in use" not in (exc.message() or "") or attempt == attempts - 1:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
 
     def segment_file(
         self, input_path: Path, output_path: Path, resolution: str | None = None, network: str | None = None

@@ -28,7 +28,7 @@ from export.tensorrt_build import (
     timing_cache_path,
     trtexec_command,
 )
-from export.triton_config import NotAModelRepository, check_model_repository, install_plan, plan_config
+from export.triton_config import PLAN, VERSION, NotAModelRepository, check_model_repository, install_plan, plan_config
 from export.validate import (
     TOLERANCES,
     Reference,
@@ -54,8 +54,9 @@ examples:
   # everything: both checkpoints, fp32 and fp16 plans, into ./model_repository (needs a GPU and TensorRT)
   {PROG} --bundle ~/bundles/wholeBody_ct_segmentation
 
-  # ONNX only (any machine): export, check and compare with PyTorch, no engines
-  {PROG} --bundle .cache/test_bundle_f8 --onnx-only
+  # ONNX only (any machine), on a test bundle of random weights: export, check, compare with PyTorch
+  python -m wholebody.bundle make-test --out .cache/test_bundle --init-filters 8
+  {PROG} --bundle .cache/test_bundle --onnx-only --validation-windows 2
 
   # one fp16 plan of the 3 mm model, built from the ONNX file, into another repository
   {PROG} --bundle B --resolution lowres --precision fp16 --via onnx --out /srv/models
@@ -68,9 +69,9 @@ A plan is installed only after it passed validation; every file is renamed into 
 
 --out must be an existing directory that is named model_repository or holds at least one
 <model>/config.pbtxt. Validation thresholds against PyTorch fp32 (max error relative to the logit scale,
-voxel label agreement, smallest per-class Dice on the CT windows):
-  fp32 (ONNX and TensorRT with TF32 off): {TOLERANCES['fp32']}
-  fp16:                                   {TOLERANCES['fp16']}
+voxel label agreement, smallest per-class Dice on the CT windows; see export/validate.py for why):
+  fp32 (ONNX, TensorRT with TF32 off): {TOLERANCES['fp32']}
+  fp16:                                {TOLERANCES['fp16']}
 
 exit status: 0 all done and valid; 1 an export, build or validation failed; 2 bad arguments or input;
 3 no TensorRT here (ONNX was still exported and checked; use --onnx-only to make that the goal).
@@ -98,19 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--bundle", type=Path, required=True,
+    parser.add_argument("--bundle", type=Path, metavar="DIR", required=True,
                         help="MONAI bundle directory (configs/inference.json, models/model.pt, models/model_lowres.pt)")
     parser.add_argument("--resolution", nargs="+", choices=sorted(RESOLUTIONS), default=sorted(RESOLUTIONS),
                         help="checkpoints to convert (default: both)")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
                         help="TensorRT plan precisions (default: both)")
-    parser.add_argument("--max-batch", type=positive_int, default=8,
+    parser.add_argument("--max-batch", type=positive_int, metavar="N", default=8,
                         help="largest window batch of the plans' profile; Triton max_batch_size (default: 8)")
-    parser.add_argument("--opt-batch", type=positive_int, default=4,
+    parser.add_argument("--opt-batch", type=positive_int, metavar="N", default=4,
                         help="batch the plans are tuned for; the dynamic batcher's preferred size (default: 4)")
-    parser.add_argument("--out", type=Path, default=MODEL_REPOSITORY,
+    parser.add_argument("--out", type=Path, metavar="REPO", default=MODEL_REPOSITORY,
                         help=f"Triton model repository to install into (default: {MODEL_REPOSITORY})")
-    parser.add_argument("--artifacts", type=Path, default=DEFAULT_CACHE / "export",
+    parser.add_argument("--artifacts", type=Path, metavar="DIR", default=DEFAULT_CACHE / "export",
                         help=f"folder for ONNX files and the timing cache (default: {DEFAULT_CACHE / 'export'})")
     parser.add_argument("--via", choices=VIAS, default="torch-tensorrt",
                         help="build engines with Torch-TensorRT's dynamo frontend or from the ONNX file with "
@@ -118,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "Torch-TensorRT cannot name the output 'logits', i.e. before 2.14)")
     parser.add_argument("--onnx-only", action="store_true",
                         help="export and validate ONNX only, build no engines (exit 0 without TensorRT)")
-    parser.add_argument("--workspace-gib", type=positive_float, default=8.0,
+    parser.add_argument("--workspace-gib", type=positive_float, metavar="GIB", default=8.0,
                         help="TensorRT builder workspace limit in GiB (default: 8)")
-    parser.add_argument("--validation-windows", type=positive_int, default=4,
+    parser.add_argument("--validation-windows", type=positive_int, metavar="N", default=4,
                         help="windows to validate on: half (rounded up) cut from a real CT, the rest random "
                              "(default: 4)")
     return parser
@@ -128,7 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export_resolution(args: argparse.Namespace, resolution: str, network: torch.nn.Module, reference: Reference,
                       repository: Path, build_engines: bool) -> list[Report]:
-    """ONNX export and check of one checkpoint, then (if `build_engines`) its plans; returns the reports."""
+    """Export one checkpoint to ONNX and check it, then build, validate and install its plans.
+
+    Args:
+        args: The parsed command line.
+        resolution: "highres" or "lowres".
+        network: That checkpoint's network (eval, CPU).
+        reference: PyTorch fp32 logits of the validation windows for this network.
+        repository: The checked Triton model repository.
+        build_engines: False for --onnx-only or without TensorRT.
+
+    Returns:
+        One report for the ONNX file, then one per precision (failed builds included).
+    """
     batch = min(args.opt_batch, args.validation_windows)
     onnx_path = export_onnx(network, args.artifacts / resolution / "model.onnx")
     reports = [compare(f"{resolution} onnx", "fp32", onnx_runner(onnx_path), reference, batch)]
@@ -143,7 +156,7 @@ def export_resolution(args: argparse.Namespace, resolution: str, network: torch.
         spec = EngineSpec(precision, args.opt_batch, args.max_batch, args.workspace_gib,
                           timing_cache_path(args.artifacts, environment))
         log.info("%s: the same engine from the ONNX file with trtexec: %s", name,
-                 trtexec_command(onnx_path, repository / name / "1" / "model.plan", spec))
+                 trtexec_command(onnx_path, repository / name / VERSION / PLAN, spec))
         try:
             engine, via = build_engine(args.via, network, onnx_path, spec)
             report = compare(name, precision, engine_runner(engine, spec), reference, batch)
@@ -190,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s -- exporting ONNX only, then exiting with status %d", unavailable, EXIT_NO_TENSORRT)
     windows = validation_windows(args.validation_windows, real_ct("example_ct"))
     reports: list[Report] = []
+    failed = False
     for resolution, network in networks.items():
         log.info("=== %s (%s)", resolution, checkpoint_path(args.bundle, resolution))
         reference = compute_reference(network, windows, min(args.opt_batch, args.validation_windows))
@@ -198,11 +212,14 @@ def main(argv: list[str] | None = None) -> int:
                                          build_engines=not (args.onnx_only or unavailable))
         except ExportError as exc:
             log.error("%s: %s", resolution, exc)
-            return EXIT_FAILED
-        del reference
+            failed = True
+            break
+        finally:
+            del reference
 
-    print(format_table(reports))
-    if not all(report.passed for report in reports):
+    if reports:
+        print(format_table(reports))
+    if failed or not all(report.passed for report in reports):
         return EXIT_FAILED
     if unavailable:
         log.error("no TensorRT plans were built: %s", unavailable)

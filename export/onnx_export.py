@@ -54,8 +54,10 @@ def export_onnx(network: torch.nn.Module, path: Path, opset: int = OPSET) -> Pat
     example = torch.zeros(1, IN_CHANNELS, *ROI_SIZE)
     try:
         with warnings.catch_warnings(), torch.no_grad():
-            # the deprecation notice of the TorchScript-based exporter; the choice is deliberate (docstring)
+            # the deprecation notice of the TorchScript-based exporter (the choice is deliberate, see above), and
+            # the tracer's note on GroupNorm's training-mode size check, a constant for 96^3 windows
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 network,
                 (example,),

@@ -183,8 +183,7 @@ def build_via_onnx(onnx_path: Path, spec: EngineSpec) -> bytes:
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
 
-    log.info("building %s engine from %s with TensorRT %s (equivalent: %s)", spec.precision, onnx_path,
-             trt.__version__, trtexec_command(onnx_path, Path("model.plan"), spec))
+    log.info("building the %s engine from %s with TensorRT %s", spec.precision, onnx_path, trt.__version__)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT {trt.__version__} failed to build the {spec.precision} engine (see its log above)")
@@ -264,7 +263,8 @@ def build_via_torch_tensorrt(network: torch.nn.Module, spec: EngineSpec) -> byte
     settings = {k: v for k, v in settings.items() if k in params}
     body = autocast_like_fp16(network) if fp16 and explicit_typing else copy.deepcopy(network)
     module = WindowModule(body, fp16=fp16 and explicit_typing).cuda().eval()
-    window = torch_tensorrt.Input(*spec.profile, dtype=torch.float32, name=WINDOW)
+    low, opt, high = spec.profile
+    window = torch_tensorrt.Input(min_shape=low, opt_shape=opt, max_shape=high, dtype=torch.float32, name=WINDOW)
     spec.timing_cache.parent.mkdir(parents=True, exist_ok=True)
     log.info("building %s engine with Torch-TensorRT %s (%s typing)", spec.precision, torch_tensorrt.__version__,
              "explicit" if explicit_typing else "weak")

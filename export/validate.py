@@ -46,21 +46,28 @@ class Tolerance:
     min_label_agreement: float  # fraction of voxels, all windows
     min_dice: float  # smallest per-class Dice on the CT windows, classes with >= MIN_DICE_VOXELS voxels
 
+    def __str__(self) -> str:
+        return (f"max rel error <= {self.max_rel_error:g}, label agreement >= {self.min_label_agreement:.1%}, "
+                f"min Dice >= {self.min_dice:g}")
+
 
 TOLERANCES: dict[str, Tolerance] = {
     # fp32 (onnxruntime; TensorRT with TF32 off): the same arithmetic as PyTorch, only kernels and summation
-    # order differ. Measured for onnxruntime on the CPU: max abs error 4.3e-5 (init_filters=8) and 2.3e-4
-    # (real network), i.e. ~1e-5..1e-4 of the logit scale, and 99.99 % label agreement with *random*
-    # weights, whose near-tied classes flip on the last bits. The bounds leave 10x over that and still fail
-    # any real fault (a wrong op or layout changes the logits by O(1) and most labels).
-    "fp32": Tolerance(max_rel_error=1e-3, min_label_agreement=0.999, min_dice=0.99),
-    # fp16: 10-bit mantissa (rounding 4.9e-4 per op) through ~20 convolutions with residual adds gives
-    # ~1e-2 of the logit scale, with a tail over ~1e8 logits; argmax flips only where the top-2 margin is
-    # below that. PyTorch's own fp16 path agreed with fp32 on 99.76 % of voxels with random weights
-    # (shared/facts/measurements.md); the bundle's fp16 TensorRT model is published as equivalent to amp.
-    # 99 % agreement and Dice >= 0.95 per sizeable structure accept that and reject overflow, a
-    # wrong-precision normalisation (which shifts whole regions) or NaNs. The logit bound only guards
-    # against gross breakage; the label bounds are the real gate.
+    # order differ. Measured for onnxruntime on the CPU (random weights): max abs error 2.0e-4 = 2.6e-5 of the
+    # logit scale (init_filters=8) and 9.6e-4 = 2.7e-4 of it (the real network, CT window: GroupNorm over
+    # near-uniform air divides by a tiny variance and amplifies rounding); label agreement 99.998 % and
+    # 99.98 %, the rest near-tied classes of random weights flipping on the last bits. The logit bound
+    # (~40x the worst measured) and the label bounds (>= 5x) leave room for other fp32 kernels (TensorRT's
+    # tactics) and still fail any real fault: a wrong op or layout changes logits by O(1) and most labels.
+    "fp32": Tolerance(max_rel_error=1e-2, min_label_agreement=0.999, min_dice=0.99),
+    # fp16: 10-bit mantissa (rounding 4.9e-4 per op) through ~20 convolutions with residual adds; argmax flips
+    # where the top-2 margin is below the error. Measured for PyTorch's fp16 network with fp32 GroupNorm (what
+    # the Torch-TensorRT route builds; autocast's policy) against fp32, real architecture with random weights,
+    # one CT and one random window, CPU: max error 2.0e-3 of the logit scale, label agreement 99.82 %, min
+    # Dice 0.995 (on the H100, fp16 blending agreed on 99.76 %: shared/facts/measurements.md). Real weights
+    # have larger class margins, so fewer flips. 99 % agreement (5x the measured disagreement) and Dice
+    # >= 0.95 per sizeable structure accept that and reject overflow, a normalisation in fp16 that shifts
+    # whole regions, or NaNs. The logit bound (50x the measured) only guards against gross breakage.
     "fp16": Tolerance(max_rel_error=1e-1, min_label_agreement=0.99, min_dice=0.95),
 }
 
@@ -232,7 +239,8 @@ def compare(name: str, precision: str, candidate: Runner, reference: Reference, 
 
 def format_table(reports: list[Report]) -> str:
     """The reports as a fixed-width text table, one row each."""
-    header = ("candidate", "prec", "max abs err", "max rel err", "labels agree", "CT agree", "min Dice", "mean Dice", "result")
+    header = ("candidate", "prec", "max abs err", "max rel err", "labels agree", "CT agree", "min Dice", "mean Dice",
+              "result")
     rows = [header] + [
         (
             r.name,

@@ -166,13 +166,14 @@ def install_bundle(bundle_dir: Path, model_repository: Path) -> list[Path]:
                 raise BundleError(f"{version_dir.parent} is not a model of this repository (no config.pbtxt)")
             version_dir.mkdir(exist_ok=True)
             target = version_dir / source.name
-            partial = target.with_name(target.name + ".partial")
-            partial.unlink(missing_ok=True)
-            try:
-                os.link(source, partial)
-            except OSError:
-                shutil.copyfile(source, partial)
-            partial.replace(target)
+            if not (target.exists() and os.path.samefile(source, target)):
+                partial = target.with_name(target.name + ".partial")
+                partial.unlink(missing_ok=True)
+                try:
+                    os.link(source, partial)
+                except OSError:
+                    shutil.copyfile(source, partial)
+                partial.replace(target)
             (version_dir / "network_def.json").write_text(json.dumps(network_def, indent=2) + "\n")
             installed.append(target)
     return installed

@@ -21,7 +21,7 @@ def segment(
     predictor: Predictor,
     resolution: str,
     sw_batch_size: int = 1,
-    resample_dtype: torch.dtype = torch.float32,
+    resample_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """uint8 labels of a [X, Y, Z] CT on its own grid."""
     pre = preprocess(image, affine, RESOLUTIONS[resolution].pixdim, resample_dtype=resample_dtype)

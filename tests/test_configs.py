@@ -1,0 +1,112 @@
+"""Every config.pbtxt parses with Triton's own protobuf schema and the ensemble's wiring holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from wholebody import contract
+from wholebody.contract import MODEL_REPOSITORY
+
+CONFIG_FILES = sorted(MODEL_REPOSITORY.glob("*/config.pbtxt")) + sorted(MODEL_REPOSITORY.glob("*/configs/*.pbtxt"))
+SHARED_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wholebody_labels.json"
+
+
+def parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def load_models() -> dict[str, model_config_pb2.ModelConfig]:
+    return {p.parent.name: parse(p) for p in MODEL_REPOSITORY.glob("*/config.pbtxt")}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(MODEL_REPOSITORY)))
+def test_config_parses_and_names_its_folder(path: Path) -> None:
+    config = parse(path)
+    folder = path.parent if path.name == "config.pbtxt" else path.parent.parent
+    assert config.name == folder.name
+
+
+def test_every_model_folder_has_a_version_directory() -> None:
+    for config in MODEL_REPOSITORY.glob("*/config.pbtxt"):
+        assert (config.parent / "1").is_dir(), f"{config.parent.name} lacks 1/"
+
+
+def _tensors(config: model_config_pb2.ModelConfig, which: str) -> dict[str, tuple[int, tuple[int, ...]]]:
+    return {t.name: (t.data_type, tuple(t.dims)) for t in getattr(config, which)}
+
+
+def test_ensemble_wiring_is_consistent() -> None:
+    models = load_models()
+    ensemble = models[contract.ENSEMBLE]
+    assert ensemble.platform == "ensemble"
+    available = _tensors(ensemble, "input")
+    for step in ensemble.ensemble_scheduling.step:
+        model = models[step.model_name]
+        inputs, outputs = _tensors(model, "input"), _tensors(model, "output")
+        optional = {t.name for t in model.input if t.optional}
+        assert set(step.input_map) <= set(inputs), f"{step.model_name}: unknown inputs"
+        assert set(inputs) - set(step.input_map) <= optional, f"{step.model_name}: required input not fed"
+        for key, value in step.input_map.items():
+            assert value in available, f"{step.model_name}.{key} <- {value}: nothing produces {value}"
+            assert available[value] == inputs[key], f"{step.model_name}.{key}: dtype/dims differ from {value}"
+        for key, value in step.output_map.items():
+            assert key in outputs, f"{step.model_name} has no output {key}"
+            available[value] = outputs[key]
+    for name, spec in _tensors(ensemble, "output").items():
+        assert available.get(name) == spec, f"ensemble output {name} is not produced as declared"
+
+
+def test_optional_ensemble_inputs_reach_optional_stage_inputs() -> None:
+    models = load_models()
+    ensemble = models[contract.ENSEMBLE]
+    optional = {t.name for t in ensemble.input if t.optional}
+    assert optional == {contract.RESOLUTION, contract.NETWORK}
+    for step in ensemble.ensemble_scheduling.step:
+        stage_optional = {t.name for t in models[step.model_name].input if t.optional}
+        for key, value in step.input_map.items():
+            if value in optional:
+                assert key in stage_optional, f"{step.model_name}.{key} must be optional"
+
+
+def test_contract_names_match_configs() -> None:
+    models = load_models()
+    ensemble = models[contract.ENSEMBLE]
+    assert _tensors(ensemble, "input")[contract.IMAGE][1] == (-1, -1, -1)
+    assert set(_tensors(ensemble, "output")) == {contract.LABEL_MAP}
+    for resolution in contract.RESOLUTIONS:
+        for variant in contract.TORCH_VARIANTS:
+            network = models[contract.network_model_name(resolution, variant)]
+            assert network.max_batch_size >= 1
+            assert network.HasField("dynamic_batching")
+            fp32 = model_config_pb2.TYPE_FP32
+            assert _tensors(network, "input") == {contract.WINDOW: (fp32, (contract.IN_CHANNELS, *contract.ROI_SIZE))}
+            assert _tensors(network, "output") == {contract.LOGITS: (fp32, (contract.NUM_CLASSES, *contract.ROI_SIZE))}
+
+
+def test_cpu_configs_differ_from_gpu_configs_only_in_placement_and_defaults() -> None:
+    tunable = {"default_resolution", "default_network", "sw_batch_size"}
+    for cpu_path in MODEL_REPOSITORY.glob("*/configs/cpu.pbtxt"):
+        gpu, cpu = parse(cpu_path.parent.parent / "config.pbtxt"), parse(cpu_path)
+        assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+        assert [g.kind for g in cpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+        for config in (gpu, cpu):
+            config.ClearField("instance_group")
+            for key in tunable:
+                config.parameters.pop(key, None)
+        assert gpu == cpu, f"{cpu_path} drifted from its config.pbtxt"
+
+
+def test_label_names_are_served_in_bundle_order() -> None:
+    ensemble = load_models()[contract.ENSEMBLE]
+    names = ensemble.parameters[contract.LABEL_NAMES_PARAMETER].string_value.split(",")
+    assert len(names) == contract.NUM_CLASSES
+    assert names[0] == "background" and names[1] == "spleen" and names[104] == "urinary_bladder"
+    assert len(set(names)) == len(names)
+    if SHARED_LABELS.exists():  # the team's copy of the bundle's metadata, where it is at hand
+        labels = json.loads(SHARED_LABELS.read_text())["labels"]
+        assert names == [labels[str(i)] for i in range(len(labels))]

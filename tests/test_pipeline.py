@@ -1,0 +1,122 @@
+"""The pipeline's plain functions against MONAI's own (no server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, EnsureChannelFirstd, Invertd, Orientationd, Spacingd
+
+from wholebody.postprocessing import invert_to_input_grid
+from wholebody.preprocessing import InvalidVolumeError, check_volume, estimated_resampled_voxels, preprocess
+from wholebody.sliding_window import sliding_window_label_map
+
+ROI = (96, 96, 96)
+
+
+class TinyNetwork(torch.nn.Module):
+    """A cheap stand-in predictor with spatially varying, window-dependent logits."""
+
+    def __init__(self, classes: int = 7) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv3d(1, classes, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-1, 1, x.shape[-1])
+        return self.conv(x) + ramp * torch.arange(self.conv.out_channels).reshape(1, -1, 1, 1, 1) * 0.1
+
+
+@pytest.mark.parametrize(
+    ("shape", "sw_batch_size"),
+    [((120, 100, 170), 1), ((120, 100, 170), 3), ((60, 130, 97), 2), ((96, 96, 96), 1), ((40, 30, 20), 1)],
+)
+def test_sliding_window_labels_equal_monai_argmax(shape: tuple[int, int, int], sw_batch_size: int) -> None:
+    torch.manual_seed(1)
+    image = torch.randn(shape)
+    network = TinyNetwork().eval()
+    with torch.inference_mode():
+        expected = sliding_window_inference(
+            image[None, None], ROI, sw_batch_size, network, overlap=0.25, mode="gaussian", padding_mode="replicate"
+        )[0].argmax(0)
+        calls: list[tuple[int, int]] = []
+        labels = sliding_window_label_map(
+            image, network, ROI, sw_batch_size=sw_batch_size, progress=lambda d, t: calls.append((d, t))
+        )
+    assert labels.dtype == torch.uint8 and labels.shape == shape
+    assert (labels.long() == expected).float().mean().item() > 0.9999
+    assert calls[-1][0] == calls[-1][1]
+
+
+def test_sliding_window_rejects_a_predictor_of_the_wrong_shape() -> None:
+    with pytest.raises(ValueError, match="predictor returned"):
+        sliding_window_label_map(torch.zeros(96, 96, 96), lambda w: torch.zeros(1, 3, 10, 10, 10), ROI)
+
+
+def monai_inverse(labels: torch.Tensor, image: torch.Tensor, affine: np.ndarray, pixdim: float) -> np.ndarray:
+    """What the bundle's Invertd(nearest_interp=True) makes of `labels` given on the resampled grid."""
+    transform = Compose(
+        [
+            EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
+            Orientationd(keys="image", axcodes="RAS"),
+            Spacingd(keys="image", pixdim=(pixdim,) * 3, mode="bilinear"),
+        ]
+    )
+    data = transform({"image": MetaTensor(image, affine=torch.as_tensor(affine))})
+    data["pred"] = MetaTensor(labels[None].float(), affine=data["image"].affine)
+    inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(data)
+    return np.asarray(inverted["pred"])[0].round().astype(np.uint8)
+
+
+AFFINES = {
+    "ras_3mm": np.diag([3.0, 3.0, 3.0, 1.0]),
+    "lps_like_0.8mm": np.array([[-0.8, 0, 0, 120.0], [0, -0.8, 0, 95.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]]),
+    "permuted_1.5mm": np.array([[0, 1.5, 0, 0], [0, 0, -1.5, 10], [1.5, 0, 0, -5], [0, 0, 0, 1]]),
+    "oblique": np.array([[0.98, -0.17, 0, 0], [0.17, 0.98, 0, 0], [0, 0, 1.2, 0], [0, 0, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+@pytest.mark.parametrize("pixdim", [1.5, 3.0])
+def test_inversion_equals_monai_invertd(name: str, pixdim: float) -> None:
+    affine = AFFINES[name]
+    image = torch.rand(70, 50, 40)
+    pre = preprocess(image, affine, (pixdim,) * 3)
+    labels = torch.randint(0, 105, pre.image.shape, dtype=torch.uint8)
+    ours = invert_to_input_grid(
+        labels, pre.affine.numpy(), pre.oriented_affine.numpy(), pre.oriented_shape, affine
+    ).numpy()
+    expected = monai_inverse(labels, image, affine, pixdim)
+    assert ours.shape == tuple(image.shape)
+    agreement = (ours == expected).mean()
+    assert agreement >= (0.999 if name == "oblique" else 1.0), agreement
+
+
+def test_preprocess_gives_the_bundle_grid_and_range() -> None:
+    affine = np.array([[-0.8, 0, 0, 0], [0, -0.8, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    image = torch.rand(100, 90, 30) * 2000 - 1000
+    pre = preprocess(image, affine, (3.0, 3.0, 3.0))
+    assert np.allclose(np.abs(np.diag(pre.affine.numpy())[:3]), 3.0)
+    assert pre.affine[0, 0] > 0 and pre.affine[1, 1] > 0  # RAS
+    assert pre.oriented_shape == (100, 90, 30)
+    assert float(pre.image.min()) == pytest.approx(-1.0) and float(pre.image.max()) == pytest.approx(1.0)
+    assert estimated_resampled_voxels(image.shape, affine, (3.0, 3.0, 3.0)) >= pre.image.numel()
+
+
+@pytest.mark.parametrize(
+    ("image", "affine", "message"),
+    [
+        (torch.zeros(10, 10), np.eye(4), "must be 3-D"),
+        (torch.zeros(10, 0, 10), np.eye(4), "empty axis"),
+        (torch.full((4, 4, 4), float("nan")), np.eye(4), "64 NaN or infinite voxels"),
+        (torch.tensor([[[1.0, float("inf")]]]), np.eye(4), "1 NaN or infinite"),
+        (torch.zeros(4, 4, 4, dtype=torch.int16), np.eye(4), "floating point"),
+        (torch.zeros(4, 4, 4), np.zeros((4, 4)), "not invertible"),
+        (torch.zeros(20, 20, 20), np.eye(4), "above this server's limit"),
+    ],
+)
+def test_check_volume_says_what_is_wrong(image: torch.Tensor, affine: np.ndarray, message: str) -> None:
+    with pytest.raises(InvalidVolumeError, match=message):
+        check_volume(image, affine, max_voxels=1000)
