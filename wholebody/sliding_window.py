@@ -5,7 +5,7 @@ in fp32 for a 287x287x397 volume) and the bundle then takes the argmax. This mod
 windows (MONAI's scan interval and `dense_patch_slices`), weights them with the same gaussian
 importance map and pads the same way, but visits them in order along the volume's longest axis and
 keeps only a ring of one window's depth of blended logits: slices that no later window touches are
-arg-maxed to uint8 and dropped. Peak memory is 105 x roi x (the two other axes) instead of the whole
+arg-maxed to uint8 and their ring slices reused. Peak memory is 105 x roi x (the two other axes) instead of the whole
 volume, and the labels equal MONAI's (the division by the summed weights, which this skips, is
 positive per voxel and does not change the argmax).
 """
@@ -69,13 +69,15 @@ def sliding_window_label_map(
         get_valid_patch_size(size, roi), mode=mode, sigma_scale=sigma_scale, device=volume.device, dtype=torch.float32
     )[None]
 
-    # Visit windows in order of their start along the longest axis; the ring holds roi[axis] slices.
+    # Visit windows in order of their start along the longest axis. The ring holds roi[axis] slices
+    # of blended logits; volume slice i lives at ring slice i % roi[axis], so nothing is ever moved.
     axis = max(range(3), key=lambda a: size[a])
     windows = sorted(windows, key=lambda w: w[axis].start)
+    depth = roi[axis]
     ring_shape = list(size)
-    ring_shape[axis] = roi[axis]
+    ring_shape[axis] = depth
     ring: torch.Tensor | None = None  # [C, *ring_shape], allocated when the class count is known
-    base = 0  # volume index of the ring's first slice
+    base = 0  # first volume slice not yet arg-maxed
     labels = torch.empty(size, dtype=torch.uint8, device=volume.device)
 
     def along(start: int, stop: int) -> tuple[slice, ...]:
@@ -83,18 +85,24 @@ def sliding_window_label_map(
         index[axis] = slice(start, stop)
         return tuple(index)
 
+    def ring_pieces(start: int, stop: int) -> list[tuple[int, int, int]]:
+        """(offset from start, length, ring slice) of the at most two runs [start, stop) occupies."""
+        first = min(stop - start, depth - start % depth)
+        pieces = [(0, first, start % depth)]
+        if stop - start > first:
+            pieces.append((first, stop - start - first, 0))
+        return pieces
+
     def finalize(stop: int) -> None:
-        """Arg-max the ring's slices [base, stop) into `labels` and shift the ring past them."""
+        """Arg-max volume slices [base, stop), which no later window touches, and clear their ring slices."""
         nonlocal base
-        count = stop - base
-        if count <= 0 or ring is None:
+        if ring is None:
             return
-        labels[along(base, stop)] = ring[(slice(None), *along(0, count))].argmax(dim=0).to(torch.uint8)
-        keep = roi[axis] - count
-        if keep > 0:
-            ring[(slice(None), *along(0, keep))] = ring[(slice(None), *along(count, roi[axis]))].clone()
-        ring[(slice(None), *along(max(keep, 0), roi[axis]))] = 0
-        base = stop
+        for offset, length, at in ring_pieces(base, stop):
+            block = ring[(slice(None), *along(at, at + length))]
+            labels[along(base + offset, base + offset + length)] = block.argmax(dim=0).to(torch.uint8)
+            block.zero_()
+        base = max(base, stop)
 
     total = len(windows)
     for first in range(0, total, sw_batch_size):
@@ -106,10 +114,13 @@ def sliding_window_label_map(
             ring = torch.zeros((logits.shape[1], *ring_shape), dtype=torch.float32, device=volume.device)
         for window, window_logits in zip(batch, logits):
             start = window[axis].start
-            finalize(start)  # windows tile the volume: start - base never exceeds the ring
-            local = list(window)
-            local[axis] = slice(start - base, start - base + roi[axis])
-            ring[(slice(None), *local)] += window_logits.to(device=ring.device, dtype=torch.float32) * weight
+            finalize(start)  # windows tile the volume: [base, start + depth) always fits the ring
+            window_logits = window_logits.to(device=ring.device, dtype=torch.float32)
+            for offset, length, at in ring_pieces(start, start + depth):
+                target = list(window)
+                target[axis] = slice(at, at + length)
+                part = (slice(None), *along(offset, offset + length))
+                ring[(slice(None), *target)].addcmul_(window_logits[part], weight[part])
         if progress is not None:
             progress(min(first + sw_batch_size, total), total)
     finalize(size[axis])

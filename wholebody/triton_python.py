@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from wholebody.contract import LOGITS, WINDOW
 
 def model_logger(args: dict[str, str]) -> logging.Logger:
     """A logger named after the model instance, writing to the stub's stderr (the server log)."""
+    # The stub is this model's own process: keep MONAI's deprecation notices out of the server log.
+    warnings.filterwarnings("ignore", message=".*Orientation.*labels", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Setting affine, but the applied meta", category=UserWarning)
     logger = logging.getLogger(f"wholebody.{args['model_instance_name']}")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
