@@ -192,6 +192,18 @@ def execute(
              float(m.top["Inferences/Second"]), m.latency_us / 1e6)
 
 
+def _without_notes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif not arg.startswith("--note="):
+            out.append(arg)
+    return out
+
+
 def _last_error(output: str) -> str:
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
@@ -272,11 +284,13 @@ def main(argv: list[str] | None = None) -> int:
                 done.append(run)
                 manifest.update(machine=machine, server=info, runs=merge_runs(manifest["runs"], [run]))
                 invocations = manifest.setdefault("invocations", [])
-                line = shlex.join(["python", "-m", "perf", *argv])
+                line = shlex.join(["python", "-m", "perf", *_without_notes(argv)])
                 if line not in invocations:
                     invocations.append(line)
                 manifest["invocation"] = "\n".join(invocations)
                 manifest_path.write_text(json.dumps(manifest, indent=1))
+        if args.start_server and server.process is not None and server.process.poll() is not None:
+            log.error("the local tritonserver exited during the run (log: %s)", server.log_path)
     path = write_tables(out, manifest)
     log.info("wrote %s", path)
     failed = [r for r in done if r.status == "failed"]

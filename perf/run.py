@@ -19,6 +19,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from wholebody.triton_server import perf_analyzer_env, process_group
+
 log = logging.getLogger(__name__)
 
 
@@ -104,23 +106,6 @@ def server_info(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
 
 
 # --- memory ----------------------------------------------------------------------------------------
-def group_pids(pid: int) -> list[int]:
-    """Every process in the process group of `pid` (a LocalTritonServer: the server and its stubs)."""
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return []
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getpgid(int(entry.name)) == pgid:
-                    found.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return found
-
-
 def host_memory_bytes(pids: list[int]) -> int:
     """Memory of `pids` together: the sum of their PSS (shared pages split among the processes mapping
     them, so libraries and shared memory regions count once), or of their RSS where smaps_rollup is missing."""
@@ -154,6 +139,14 @@ def gpu_memory_from_nvidia_smi() -> int | None:
         return None
 
 
+def _group_of(pid: int) -> int:
+    """The process group of `pid`; a LocalTritonServer leads its own, which outlives a crash."""
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return pid
+
+
 @dataclass
 class MemorySampler:
     """Samples, in a thread, the memory of the server's process group (PSS) and the GPU memory in use.
@@ -173,7 +166,7 @@ class MemorySampler:
 
     def sample(self) -> None:
         if self.server_pid is not None:
-            host = host_memory_bytes(group_pids(self.server_pid))
+            host = host_memory_bytes(process_group(_group_of(self.server_pid)))
             if host:
                 self.peak_host = max(self.peak_host or 0, host)
         gpu = None
@@ -214,8 +207,6 @@ def run_perf_analyzer(command: list[str], binary: Path, cwd: Path, log_path: Pat
     The output streams into `log_path` (tail -f it to follow a long run); perf_analyzer writes its report
     and its errors to stdout.
     """
-    from wholebody.triton_server import perf_analyzer_env
-
     argv = [str(binary), *command[1:]]
     with open(log_path, "w") as out:
         out.write(f"$ (cd {cwd} && {shlex.join(command)})\n")
@@ -238,7 +229,6 @@ def time_label_map_write(data_dir: Path, shape: tuple[int, int, int], repeats: i
     soft tissue, bone): the size and the affine of what the server returns, with compressible content.
     """
     from client.segmentation_client import write_label_map
-
     from wholebody.contract import AFFINE, IMAGE
 
     ct = np.fromfile(data_dir / IMAGE, dtype="<f4").reshape(shape)

@@ -9,12 +9,12 @@ arguments except `write_inputs`, which writes the input files perf_analyzer read
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 
 from wholebody.contract import (
     AFFINE,
@@ -179,7 +179,9 @@ def parse_scenario(data: dict[str, Any], name: str, source: str = "") -> Scenari
     )
     percentiles = _ints(meas.pop("percentiles", Measurement.percentiles), f"{where}: measurement.percentiles")
     if set(percentiles) - set(CSV_PERCENTILES):
-        raise ScenarioError(f"{where}: measurement.percentiles must be among {list(CSV_PERCENTILES)} (perf_analyzer's CSV)")
+        raise ScenarioError(
+            f"{where}: measurement.percentiles must be among {list(CSV_PERCENTILES)} (perf_analyzer's CSV)"
+        )
     known = {f.name for f in dataclasses.fields(Measurement)} - {"percentiles"}
     if set(meas) - known:
         raise ScenarioError(f"{where}: unknown measurement keys {sorted(set(meas) - known)}")

@@ -165,7 +165,7 @@ def latency_breakdown(raw: Path, runs: list[Run]) -> Table:
     for run in runs:
         if run.kind != "end2end" or run.concurrency != 1:
             continue
-        label = [resolution_label(run.resolution), run.device or "?", f"{run.variant} ({run.scenario})"]
+        label = [resolution_label(run.resolution), run.device or "n/a", f"{run.variant} ({run.scenario})"]
         if run.status != "ok":
             rows.append(label + [_unavailable(run)] + [""] * 6)
             continue
@@ -223,7 +223,9 @@ def speedup(raw: Path, runs: list[Run], resolution: str) -> Table:
         if run.resolution == resolution and run.concurrency == 1 and run.kind in ("model_computation", "end2end"):
             groups.setdefault((run.kind, run.scenario), {})[run.variant] = run
     rows, commands = [], []
-    for (kind, scenario), by_variant in sorted(groups.items(), key=lambda kv: (kv[0][0] != "model_computation", kv[0][1])):
+    order = sorted(groups, key=lambda k: (k[0] != "model_computation", k[1]))  # model computation first
+    for kind, scenario in order:
+        by_variant = groups[(kind, scenario)]
         method = kind.replace("_", " ")
         if scenario != kind:
             method += f" ({scenario})"

@@ -27,8 +27,8 @@ from perf.scenarios import (
 from perf.tables import (
     avg_latency_us,
     composing_csvs,
-    gpu_memory_bytes,
     concurrency,
+    gpu_memory_bytes,
     latency_breakdown,
     measured,
     millis,

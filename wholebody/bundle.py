@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from wholebody.contract import IN_CHANNELS, MODEL_REPOSITORY, NUM_CLASSES, RESOLUTIONS, TORCH_VARIANTS, network_model_name
+from wholebody.contract import (
+    IN_CHANNELS,
+    MODEL_REPOSITORY,
+    NUM_CLASSES,
+    RESOLUTIONS,
+    TORCH_VARIANTS,
+    network_model_name,
+)
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,13 @@ class ReferenceResult:
 
 
 def reference_segmentation(
-    path: Path, network: torch.nn.Module, resolution: str, sw_batch_size: int = 1
+    path: Path, network: torch.nn.Module, resolution: str, sw_batch_size: int = 1, amp: bool = False
 ) -> ReferenceResult:
-    """Run the bundle's pipeline on a NIfTI file with `network` (already loaded, eval mode)."""
+    """Run the bundle's pipeline on a NIfTI file with `network` (loaded, eval mode, on its device).
+
+    `amp=True` is the bundle's evaluator setting (autocast on CUDA); the default is the fp32 path.
+    """
+    device = next(network.parameters()).device
     key = "image"
     preprocessing = Compose(
         [
@@ -70,11 +74,11 @@ def reference_segmentation(
     data = preprocessing({key: str(path)})
     seconds["pre"] = time.perf_counter() - start
     start = time.perf_counter()
-    with torch.inference_mode():
-        data["pred"] = inferer(data[key][None], network)[0]
+    with torch.inference_mode(), torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        data["pred"] = inferer(data[key][None].to(device), network)[0]
     seconds["inferer"] = time.perf_counter() - start
     start = time.perf_counter()
     data = postprocessing(data)
     seconds["post"] = time.perf_counter() - start
-    label_map = np.asarray(data["pred"])[0].round().astype(np.uint8)
+    label_map = data["pred"][0].cpu().numpy().round().astype(np.uint8)
     return ReferenceResult(label_map=label_map, seconds=seconds)

@@ -80,8 +80,16 @@ def optional_string(request: Any, name: str, default: str) -> str:
 
 
 def output_tensor(name: str, tensor: torch.Tensor) -> Any:
-    """A torch tensor as a Triton output tensor, by DLPack (stays on its device)."""
-    return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))
+    """A torch tensor as a Triton output tensor, by DLPack (stays on its device).
+
+    A CUDA tensor's stream is synchronised first: a DLPack capsule carries no stream, so Triton
+    could otherwise read it before the kernels that write it have run (and compute times would
+    stop at the kernel launches).
+    """
+    tensor = tensor.contiguous()
+    if tensor.is_cuda:
+        torch.cuda.current_stream(tensor.device).synchronize()
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor))
 
 
 def string_tensor(name: str, value: str) -> Any:

@@ -103,26 +103,27 @@ def install_perf_analyzer(cache: Path = DEFAULT_CACHE) -> Path:
     triton = install_tritonserver(cache)
     root = cache / "perf_analyzer-2.51.0"
     binary = root / "bin" / "perf_analyzer"
-    if binary.exists():
-        return binary
-    log.info("fetching perf_analyzer from %s into %s", PERF_ANALYZER_WHEEL, cache)
-    wheel = _pip_download(
-        PERF_ANALYZER_WHEEL, cache / "wheels", "--only-binary=:all:", "--platform", "manylinux1_x86_64"
-    )
-    (root / "bin").mkdir(parents=True, exist_ok=True)
+    if not binary.exists():
+        log.info("fetching perf_analyzer from %s into %s", PERF_ANALYZER_WHEEL, cache)
+        wheel = _pip_download(
+            PERF_ANALYZER_WHEEL, cache / "wheels", "--only-binary=:all:", "--platform", "manylinux1_x86_64"
+        )
+        (root / "bin").mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as zf:
+            partial = binary.with_suffix(".partial")
+            partial.write_bytes(zf.read("tritonclient-2.51.0.data/data/bin/perf_analyzer"))
+            partial.chmod(0o755)
+            partial.rename(binary)
     (root / "lib").mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as zf:
-        partial = binary.with_suffix(".partial")
-        partial.write_bytes(zf.read("tritonclient-2.51.0.data/data/bin/perf_analyzer"))
-        partial.chmod(0o755)
     for pattern, soname in (("libcudart-*.so.12*", "libcudart.so.12"), ("libb64-*.so.0d", "libb64.so.0d")):
+        link = root / "lib" / soname
+        if link.exists():
+            continue
         matches = sorted(triton.libs.glob(pattern))
         if not matches:
             raise RuntimeError(f"{triton.libs} has no {pattern} for perf_analyzer")
-        link = root / "lib" / soname
-        link.unlink(missing_ok=True)
+        link.unlink(missing_ok=True)  # a dangling link from an earlier unpack
         link.symlink_to(matches[0])
-    partial.rename(binary)
     return binary
 
 
@@ -132,6 +133,19 @@ def perf_analyzer_env(binary: Path) -> dict[str, str]:
     lib = str(binary.parent.parent / "lib")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, env.get("LD_LIBRARY_PATH")) if p)
     return env
+
+
+def process_group(pgid: int) -> list[int]:
+    """Every live process of process group `pgid` (a LocalTritonServer: the server and its stubs)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    found.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return found
 
 
 def _free_port() -> int:
@@ -274,17 +288,24 @@ class LocalTritonServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        """SIGTERM the server's process group (server and stubs), SIGKILL what is left."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM the server's process group, SIGKILL what is left.
+
+        The whole group, also when the server itself has already died: its Python backend stubs
+        outlive a crashed server.
+        """
+        if self.process is None:
             return
         pgid = self.process.pid
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            log.warning("tritonserver did not stop in 20 s; killing its process group")
-        except ProcessLookupError:
-            pass
+        if self.process.poll() is None:
+            try:
+                os.killpg(pgid, signal.SIGTERM)
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in 20 s; killing its process group")
+            except ProcessLookupError:
+                pass
+        elif self.process.returncode:
+            log.warning("tritonserver had exited with code %s; see %s", self.process.returncode, self.log_path)
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
@@ -293,18 +314,7 @@ class LocalTritonServer:
 
     def pids(self) -> list[int]:
         """The server and every process of its group (the Python backend stubs)."""
-        if self.process is None:
-            return []
-        pgid = self.process.pid
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.getpgid(int(entry.name)) == pgid:
-                        found.append(int(entry.name))
-                except (ProcessLookupError, PermissionError):
-                    continue
-        return found
+        return [] if self.process is None else process_group(self.process.pid)
 
     def __enter__(self) -> LocalTritonServer:
         return self.start()
