@@ -148,6 +148,11 @@ def run_reference(
     return seconds
 
 
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each measure's median over repeated runs (memory peaks too)."""
+    return {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
+
+
 def case_path(case: str, cache: Path) -> Path:
     if case == "example_ct":
         return real_ct("example_ct", cache)
@@ -194,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--warmup", type=int, default=0, help="untimed runs of each pipeline first (use 1 on a GPU: cuDNN autotuning)"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each pipeline, alternated; the table shows medians"
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -207,15 +215,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="comparison-") as tmp:
         for case in args.cases:
             ct = case_path(case, args.cache)
-            log.info("%s %s: served pipeline (%s, %s)", case, list(nib.load(ct).shape), args.device, args.network)
+            log.info("%s %s: %s, served %s", case, list(nib.load(ct).shape), args.device, args.network)
             served_path, reference_path = Path(tmp) / f"{case}_served.nii.gz", Path(tmp) / f"{case}_reference.nii.gz"
-            served = run_served(ct, bundle, args.resolution, args.network, args.device, served_path, args.warmup)
-            log.info("%s: reference MONAI pipeline", case)
-            reference = run_reference(ct, bundle, args.resolution, args.device, amp, reference_path, args.warmup)
+            served_runs, reference_runs = [], []
+            for repeat in range(args.repeats):  # alternated, so a change in the machine's speed hits both
+                log.info("%s: served pipeline, run %d of %d", case, repeat + 1, args.repeats)
+                served_runs.append(
+                    run_served(ct, bundle, args.resolution, args.network, args.device, served_path, args.warmup)
+                )
+                log.info("%s: reference MONAI pipeline, run %d of %d", case, repeat + 1, args.repeats)
+                reference_runs.append(
+                    run_reference(ct, bundle, args.resolution, args.device, amp, reference_path, args.warmup)
+                )
+            served, reference = median_of(served_runs), median_of(reference_runs)
             equal = float((np.asarray(nib.load(served_path).dataobj) == np.asarray(nib.load(reference_path).dataobj)).mean())
             rows.append((case, served, reference, equal))
     gpu = args.device == "gpu"
-    print(f"\nMachine: {machine(args.device)}; {args.resolution}; served {args.network}; weights: {bundle}\n")
+    print(
+        f"\nMachine: {machine(args.device)}; {args.resolution}; served {args.network}; weights: {bundle}; "
+        f"median of {args.repeats} alternated run(s) each\n"
+    )
     memory = "GPU peak GB (served: card; reference: torch reserved)" if gpu else "peak memory GB (served: PSS sum; reference: RSS)"
     print(f"| CT | pipeline | total s | pre s | sliding window s (network s) | post/invert s | write s | {memory} | labels equal |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -120,3 +120,22 @@ def test_preprocess_gives_the_bundle_grid_and_range() -> None:
 def test_check_volume_says_what_is_wrong(image: torch.Tensor, affine: np.ndarray, message: str) -> None:
     with pytest.raises(InvalidVolumeError, match=message):
         check_volume(image, affine, max_voxels=1000)
+
+
+def test_in_process_pipeline_equals_the_bundle_reference(aorta_ct, test_bundle, tmp_path) -> None:
+    """The served functions, chained in one process with the contiguous fp32 network, give the
+    reference's labels exactly on a real LPS CT with an axis shorter than a window."""
+    import nibabel as nib
+
+    from wholebody.bundle import load_network
+    from wholebody.pipeline import segment
+    from wholebody.reference import reference_segmentation
+
+    crop = nib.load(aorta_ct).slicer[:, :, 80:130]
+    path = tmp_path / "crop.nii.gz"
+    nib.save(crop, path)
+    network = load_network(test_bundle, "lowres")
+    expected = reference_segmentation(path, network, "lowres").label_map
+    with torch.inference_mode():
+        labels = segment(torch.as_tensor(np.asarray(crop.dataobj, np.float32)), crop.affine, network, "lowres")
+    assert np.array_equal(labels.numpy(), expected)

@@ -126,7 +126,8 @@ class TorchNetworkModel:
 
     The version folder holds `network_def.json` (the bundle's network_def) and the checkpoint named
     by the `checkpoint` parameter; `precision` is `fp32` (TF32 off, as the bundle table's torch_fp32)
-    or `amp` (autocast: fp16 on GPU, bf16 on CPU, as the bundle's evaluator `amp=True`).
+    or `amp` (autocast: fp16 on GPU, bf16 on CPU, as the bundle's evaluator `amp=True`);
+    `memory_format` is `contiguous` or `channels_last_3d` (oneDNN's faster layout on CPU).
     """
 
     def initialize(self, args: dict[str, str]) -> None:
@@ -146,19 +147,27 @@ class TorchNetworkModel:
                 "`python -m wholebody.bundle install --bundle DIR`"
             )
         network = build_network(json.loads(network_def_path.read_text()))
-        self.network = load_checkpoint(network, checkpoint).to(self.device)
+        memory_formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+        layout = params.get("memory_format", "contiguous")
+        if layout not in memory_formats:
+            raise ValueError(f"parameter memory_format must be one of {sorted(memory_formats)}, got {layout!r}")
+        self.memory_format = memory_formats[layout]
+        self.network = load_checkpoint(network, checkpoint).to(self.device, memory_format=self.memory_format)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         self.autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.logger.info("serving %s (%s) on %s", checkpoint, self.precision, self.device)
+        self.logger.info(
+            "serving %s (%s) on %s, %d CPU threads", checkpoint, self.precision, self.device, torch.get_num_threads()
+        )
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.precision == "amp"
         ):
-            return self.network(windows).float()
+            logits = self.network(windows.contiguous(memory_format=self.memory_format))
+        return logits.float().contiguous()
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # Dynamic batching: run the batch's windows in one forward, then split per request.
