@@ -9,7 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
@@ -168,6 +167,8 @@ def test_torch_amp_network_serves_on_cpu(server: LocalTritonServer, tmp_path: Pa
     with SegmentationClient(server.grpc_url) as seg:
         fp32 = seg.segment(np.asarray(image.dataobj), image.affine, resolution="lowres", network="torch_fp32")
         amp = seg.segment(np.asarray(image.dataobj), image.affine, resolution="lowres", network="torch_amp")
-    assert amp.shape == fp32.shape
-    log.info("torch_amp (bf16 on CPU) vs torch_fp32: %.4f%% equal", 100 * float((amp == fp32).mean()))
-    assert torch.as_tensor(amp).float().mean() >= 0  # served without error
+    assert amp.shape == fp32.shape and amp.dtype == np.uint8
+    agreement = float((amp == fp32).mean())
+    log.info("torch_amp (bf16 on CPU) vs torch_fp32: %.4f%% equal", 100 * agreement)
+    # bf16 moves near-tied voxels of a random network (96.7 % equal when measured), not the bulk
+    assert 0.9 < agreement < 1.0
