@@ -23,6 +23,7 @@ from torch.utils.dlpack import to_dlpack
 
 from wholebody.bundle import build_network, load_checkpoint
 from wholebody.contract import LOGITS, WINDOW
+from wholebody.memory import keep_freed_memory
 
 
 def model_logger(args: dict[str, str]) -> logging.Logger:
@@ -127,7 +128,8 @@ class TorchNetworkModel:
     The version folder holds `network_def.json` (the bundle's network_def) and the checkpoint named
     by the `checkpoint` parameter; `precision` is `fp32` (TF32 off, as the bundle table's torch_fp32)
     or `amp` (autocast: fp16 on GPU, bf16 on CPU, as the bundle's evaluator `amp=True`);
-    `memory_format` is `contiguous` or `channels_last_3d` (oneDNN's faster layout on CPU).
+    `memory_format` is `contiguous` or `channels_last_3d` (oneDNN's faster layout on CPU);
+    `keep_freed_memory: yes` stops glibc from unmapping the activations after every window.
     """
 
     def initialize(self, args: dict[str, str]) -> None:
@@ -146,6 +148,8 @@ class TorchNetworkModel:
                 f"{version_dir} lacks network_def.json or {checkpoint.name}: install a bundle with "
                 "`python -m wholebody.bundle install --bundle DIR`"
             )
+        if params.get("keep_freed_memory", "no") == "yes" and keep_freed_memory():
+            self.logger.info("keeping freed memory mapped (no page faults per window)")
         network = build_network(json.loads(network_def_path.read_text()))
         memory_formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
         layout = params.get("memory_format", "contiguous")
