@@ -102,6 +102,8 @@ BAD_INPUTS = {
     "int16": (np.zeros((20, 20, 20), np.int16), EYE3, {}, "INT16", r"(?i)data ?type|datatype|FP32"),
     "singular_affine": (np.zeros((20, 20, 20), np.float32), np.zeros((4, 4)), {}, "FP32", "not invertible"),
     "oversize": (np.zeros((210, 210, 210), np.float32), EYE3, {}, "FP32", f"limit of {TEST_MAX_INPUT_VOXELS:,}"),
+    "resampled_too_big": (np.zeros((20, 20, 20), np.float32), np.diag([100.0, 100.0, 100.0, 1.0]),
+                          {RESOLUTION: "highres"}, "FP32", r"at 1\.5 mm the image would have .* voxels, above"),
     "unknown_resolution": (np.zeros((20, 20, 20), np.float32), EYE3, {RESOLUTION: "ultra"}, "FP32", "unknown resolution"),
     "unknown_network": (np.zeros((20, 20, 20), np.float32), EYE3, {NETWORK: "onnx"}, "FP32", "unknown network"),
     "network_not_loaded": (np.zeros((20, 20, 20), np.float32), EYE3, {NETWORK: "trt_fp16"}, "FP32",
