@@ -5,9 +5,9 @@ in fp32 for a 287x287x397 volume) and the bundle then takes the argmax. This mod
 windows (MONAI's scan interval and `dense_patch_slices`), weights them with the same gaussian
 importance map and pads the same way, but visits them in order along the volume's longest axis and
 keeps only a ring of one window's depth of blended logits: slices that no later window touches are
-arg-maxed to uint8 and their ring slices reused. Peak memory is 105 x roi x (the two other axes) instead of the whole
-volume, and the labels equal MONAI's (the division by the summed weights, which this skips, is
-positive per voxel and does not change the argmax).
+arg-maxed to uint8 and their ring slices reused. Peak memory is 105 x roi x (the two other axes)
+instead of the whole volume, and the labels equal MONAI's (the division by the summed weights,
+which this skips, is positive per voxel and does not change the argmax).
 """
 
 from __future__ import annotations
