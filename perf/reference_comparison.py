@@ -17,8 +17,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,11 +29,10 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from client.segmentation_client import SegmentationClient, ct_array, read_ct, write_label_map
-from perf.run import MemorySampler, gpu_memory_from_nvidia_smi, host_memory_bytes
-from wholebody.bundle import install_bundle, load_network, make_test_bundle
+from perf.run import MemorySampler, gpu_memory_from_nvidia_smi, host_memory_bytes, machine_info
+from wholebody.bundle import copy_model_repository, install_bundle, load_network, make_test_bundle
 from wholebody.contract import (
     ENSEMBLE,
-    MODEL_REPOSITORY,
     POSTPROCESS,
     PREPROCESS,
     SLIDING_WINDOW,
@@ -67,8 +64,7 @@ def run_served(
     stages = {"pre": PREPROCESS, "sliding window": SLIDING_WINDOW, "invert": POSTPROCESS, "network": network}
     with tempfile.TemporaryDirectory(prefix="served-") as tmp:
         repo = Path(tmp) / "model_repository"
-        shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns("*.pt", "*.plan", "*.onnx", "*.json"))
-        install_bundle(bundle, repo)
+        install_bundle(bundle, copy_model_repository(repo))
         models = [ENSEMBLE, PREPROCESS, SLIDING_WINDOW, POSTPROCESS, network]
         gpu = device == "gpu"
         extra = ["--cuda-memory-pool-byte-size=0:8589934592", "--pinned-memory-pool-byte-size=268435456"] if gpu else []
@@ -165,17 +161,11 @@ def case_path(case: str, cache: Path) -> Path:
 
 
 def machine(device: str) -> str:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
-        platform.processor(),
-    )
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Triton 2.51.0"
-    if device == "gpu":
-        gpu = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "-i", "0"],
-            capture_output=True, text=True,
-        ).stdout.strip()
-        text = f"{gpu} (driver), {text}"
+    info = machine_info()
+    text = f"{info['cpu']}, {info['cores']} cores, torch {torch.__version__}, Triton 2.51.0"
+    if device == "gpu" and info["gpus"]:
+        gpu = info["gpus"][0]
+        text = f"{gpu['name']} (driver {gpu['driver']}), {text}"
     return text
 
 

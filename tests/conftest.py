@@ -4,15 +4,13 @@ real tritonserver (CPU) serving that copy for the whole session."""
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from wholebody.bundle import install_bundle, make_test_bundle
-from wholebody.contract import MODEL_REPOSITORY
+from wholebody.bundle import copy_model_repository, install_bundle, make_test_bundle
 from wholebody.sample_data import real_ct
 from wholebody.triton_server import LocalTritonServer
 
@@ -30,16 +28,6 @@ def _torch_threads() -> None:
 @pytest.fixture(scope="session")
 def test_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_test_bundle(tmp_path_factory.mktemp("bundle"), init_filters=TEST_INIT_FILTERS, seed=0)
-
-
-def copy_model_repository(target: Path) -> Path:
-    """The repository's configs and code, without installed weights or engines."""
-    shutil.copytree(
-        MODEL_REPOSITORY,
-        target,
-        ignore=shutil.ignore_patterns("*.pt", "*.plan", "*.onnx", "network_def.json", "__pycache__"),
-    )
-    return target
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from wholebody.bundle import BundleError, build_network, install_bundle, load_network, main, read_network_def
+from wholebody.bundle import (
+    BundleError,
+    build_network,
+    copy_model_repository,
+    install_bundle,
+    load_network,
+    main,
+    read_network_def,
+)
 from wholebody.contract import NUM_CLASSES, RESOLUTIONS
 
 
@@ -58,8 +66,6 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
 
 
 def test_install_cli_puts_weights_in_the_torch_models(test_bundle: Path, tmp_path: Path) -> None:
-    from tests.conftest import copy_model_repository
-
     repo = copy_model_repository(tmp_path / "repo")
     assert main(["install", "--bundle", str(test_bundle), "--model-repository", str(repo)]) == 0
     version = repo / "segresnet_lowres_torch_amp" / "1"

@@ -155,6 +155,16 @@ def make_test_bundle(out: Path, init_filters: int = 32, seed: int = 0) -> Path:
     return out
 
 
+def copy_model_repository(target: Path, source: Path = MODEL_REPOSITORY) -> Path:
+    """Copy a model repository's configs and code, without installed weights or engines."""
+    shutil.copytree(
+        source,
+        target,
+        ignore=shutil.ignore_patterns("*.pt", "*.plan", "*.onnx", "*.partial", "network_def.json", "__pycache__"),
+    )
+    return target
+
+
 def install_bundle(bundle_dir: Path, model_repository: Path) -> list[Path]:
     """Put the bundle's network_def and checkpoints into every PyTorch network model of the repository.
 

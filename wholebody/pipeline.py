@@ -1,7 +1,7 @@
 """The served pipeline in one process: what the ensemble's three stages do, in order.
 
-Used by the parity tests (to separate pipeline differences from serving ones) and by the
-benchmark; the Triton stages call the same functions one by one.
+Used by the parity tests, to tell differences of the pipeline from those of serving; the Triton
+stages call the same functions one by one.
 """
 
 from __future__ import annotations

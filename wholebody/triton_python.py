@@ -48,9 +48,10 @@ def instance_device(args: dict[str, str]) -> torch.device:
     return torch.device("cpu")
 
 
-def parameters(model_config: dict[str, Any]) -> dict[str, str]:
-    """The config's `parameters` as a plain {key: string_value} dict."""
-    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+def parameters(args: dict[str, str]) -> dict[str, str]:
+    """The model config's `parameters` as a plain {key: string_value} dict (from `initialize`'s args)."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
 
 def required_parameter(params: dict[str, str], key: str) -> str:
@@ -134,8 +135,7 @@ class TorchNetworkModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         self.logger = model_logger(args)
-        config = json.loads(args["model_config"])
-        params = parameters(config)
+        params = parameters(args)
         self.device = instance_device(args)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.precision = required_parameter(params, "precision")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.logger = model_logger(args)
         self.device = instance_device(args)
-        params = parameters(json.loads(args["model_config"]))
+        params = parameters(args)
         self.default_resolution = required_parameter(params, "default_resolution")
         self.max_input_voxels = int(required_parameter(params, "max_input_voxels"))
         self.max_resampled_voxels = int(required_parameter(params, "max_resampled_voxels"))

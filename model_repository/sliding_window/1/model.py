@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -37,7 +36,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.logger = model_logger(args)
         self.device = instance_device(args)
-        params = parameters(json.loads(args["model_config"]))
+        params = parameters(args)
         self.default_network = required_parameter(params, "default_network")
         self.sw_batch_size = int(required_parameter(params, "sw_batch_size"))
         self.overlap = float(required_parameter(params, "overlap"))
