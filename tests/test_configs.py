@@ -89,7 +89,7 @@ def test_contract_names_match_configs() -> None:
 
 
 def test_cpu_configs_differ_from_gpu_configs_only_in_placement_and_defaults() -> None:
-    tunable = {"default_resolution", "default_network", "sw_batch_size", "memory_format", "keep_freed_memory"}
+    tunable = {"default_resolution", "default_network", "sw_batch_size", "memory_format", "huge_pages"}
     for cpu_path in MODEL_REPOSITORY.glob("*/configs/cpu.pbtxt"):
         gpu, cpu = parse(cpu_path.parent.parent / "config.pbtxt"), parse(cpu_path)
         assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]

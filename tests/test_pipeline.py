@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, Orientationd, Spacingd
 
+from wholebody.memory import enable_huge_pages
 from wholebody.postprocessing import invert_to_input_grid
 from wholebody.preprocessing import InvalidVolumeError, check_volume, estimated_resampled_voxels, preprocess
 from wholebody.sliding_window import sliding_window_label_map
@@ -139,3 +143,13 @@ def test_in_process_pipeline_equals_the_bundle_reference(aorta_ct, test_bundle, 
     with torch.inference_mode():
         labels = segment(torch.as_tensor(np.asarray(crop.dataobj, np.float32)), crop.affine, network, "lowres")
     assert np.array_equal(labels.numpy(), expected)
+
+
+def test_huge_pages_follow_the_kernel_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    setting = tmp_path / "enabled"
+    setting.write_text("always madvise [never]\n")
+    assert not enable_huge_pages(setting) and "THP_MEM_ALLOC_ENABLE" not in os.environ
+    assert not enable_huge_pages(tmp_path / "missing")
+    setting.write_text("always [madvise] never\n")
+    assert enable_huge_pages(setting) and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"

@@ -2,34 +2,29 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import logging
+import os
+from pathlib import Path
 
-log = logging.getLogger(__name__)
-
-# glibc mallopt(3) parameters
-M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory mapped instead of returning it to the kernel.
+def enable_huge_pages(setting: Path = THP_SETTING) -> bool:
+    """Ask PyTorch to back its large CPU tensors (>= 2 MB) with transparent huge pages.
 
-    A SegResNet forward on a 96^3 window allocates ~2.5 GB of activations; by default glibc serves
-    each large block with a fresh mmap and unmaps it on free, so every window page-faults (and
-    zeroes) the same memory again: ~540,000 faults and a quarter of the forward's time on 2 CPU
-    cores. With large blocks taken from the heap and no trimming, the memory stays mapped at its
-    peak (+0.5-0.7 GB resident) and later forwards fault nothing. Returns False where the C
-    library is not glibc.
+    A SegResNet forward on a 96^3 window allocates ~0.8 GB of activations that the C library maps
+    fresh and unmaps again for every window; with 4 KiB pages each window then page-faults ~200,000
+    times, a quarter of its time on 2 CPU cores. PyTorch's `THP_MEM_ALLOC_ENABLE` makes those
+    allocations 2 MiB-aligned and `madvise(MADV_HUGEPAGE)`, so they fault 512 times fewer, and
+    unlike keeping the freed memory mapped it costs no resident memory.
+
+    PyTorch reads the variable once, at its first large allocation: call this before building
+    models. Returns False (and changes nothing) where the kernel has transparent huge pages off.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
+    try:
+        mode = setting.read_text()
+    except OSError:
         return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
+    if "[never]" in mode:
         return False
-    ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    if not ok:
-        log.warning("mallopt refused; freed memory is returned to the kernel as usual")
-    return ok
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    return True

@@ -104,10 +104,8 @@ def sliding_window_label_map(
             block.zero_()
         base = max(base, stop)
 
-    total = len(windows)
-    for first in range(0, total, sw_batch_size):
-        batch = windows[first : first + sw_batch_size]
-        logits = predictor(torch.cat([volume[(slice(None), slice(None), *w)] for w in batch]))
+    def blend(batch: Sequence[tuple[slice, ...]], logits: torch.Tensor) -> None:
+        nonlocal ring
         if logits.shape[0] != len(batch) or tuple(logits.shape[2:]) != roi:
             raise ValueError(f"predictor returned {list(logits.shape)} for {len(batch)} windows of {list(roi)}")
         if ring is None:
@@ -121,6 +119,13 @@ def sliding_window_label_map(
                 target[axis] = slice(at, at + length)
                 part = (slice(None), *along(offset, offset + length))
                 ring[(slice(None), *target)].addcmul_(window_logits[part], weight[part])
+
+    total = len(windows)
+    for first in range(0, total, sw_batch_size):
+        batch = windows[first : first + sw_batch_size]
+        # One batch's logits at a time: they are released here, before the next call, so that a
+        # predictor backed by a server never holds two batches (371 MB each per 96^3 window).
+        blend(batch, predictor(torch.cat([volume[(slice(None), slice(None), *w)] for w in batch])))
         if progress is not None:
             progress(min(first + sw_batch_size, total), total)
     finalize(size[axis])

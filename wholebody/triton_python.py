@@ -23,7 +23,7 @@ from torch.utils.dlpack import to_dlpack
 
 from wholebody.bundle import build_network, load_checkpoint
 from wholebody.contract import LOGITS, WINDOW
-from wholebody.memory import keep_freed_memory
+from wholebody.memory import enable_huge_pages
 
 
 def model_logger(args: dict[str, str]) -> logging.Logger:
@@ -52,6 +52,18 @@ def parameters(args: dict[str, str]) -> dict[str, str]:
     """The model config's `parameters` as a plain {key: string_value} dict (from `initialize`'s args)."""
     config = json.loads(args["model_config"])
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def apply_huge_pages(params: dict[str, str], logger: logging.Logger) -> None:
+    """Honour the `huge_pages` parameter (`yes`/`no`, default `no`); call it before allocating tensors."""
+    value = params.get("huge_pages", "no")
+    if value not in ("yes", "no"):
+        raise ValueError(f"parameter huge_pages must be 'yes' or 'no', got {value!r}")
+    if value == "yes":
+        if enable_huge_pages():
+            logger.info("large tensors use transparent huge pages")
+        else:
+            logger.warning("huge_pages: yes, but the kernel has transparent huge pages off")
 
 
 def required_parameter(params: dict[str, str], key: str) -> str:
@@ -130,7 +142,7 @@ class TorchNetworkModel:
     by the `checkpoint` parameter; `precision` is `fp32` (TF32 off, as the bundle table's torch_fp32)
     or `amp` (autocast: fp16 on GPU, bf16 on CPU, as the bundle's evaluator `amp=True`);
     `memory_format` is `contiguous` or `channels_last_3d` (oneDNN's faster layout on CPU);
-    `keep_freed_memory: yes` stops glibc from unmapping the activations after every window.
+    `huge_pages: yes` backs the activations with transparent huge pages (fewer page faults per window).
     """
 
     def initialize(self, args: dict[str, str]) -> None:
@@ -148,8 +160,7 @@ class TorchNetworkModel:
                 f"{version_dir} lacks network_def.json or {checkpoint.name}: install a bundle with "
                 "`python -m wholebody.bundle install --bundle DIR`"
             )
-        if params.get("keep_freed_memory", "no") == "yes" and keep_freed_memory():
-            self.logger.info("keeping freed memory mapped (no page faults per window)")
+        apply_huge_pages(params, self.logger)
         network = build_network(json.loads(network_def_path.read_text()))
         memory_formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
         layout = params.get("memory_format", "contiguous")

@@ -21,6 +21,7 @@ from wholebody.contract import (
 )
 from wholebody.sliding_window import sliding_window_label_map
 from wholebody.triton_python import (
+    apply_huge_pages,
     input_tensor,
     instance_device,
     model_logger,
@@ -43,6 +44,7 @@ class TritonPythonModel:
         self.mode = required_parameter(params, "mode")
         self.padding_mode = required_parameter(params, "padding_mode")
         self.progress_every_s = float(params.get("progress_log_interval_s", "10"))
+        apply_huge_pages(params, self.logger)
         if self.default_network not in VARIANTS:
             raise ValueError(f"default_network must be one of {list(VARIANTS)}")
 
