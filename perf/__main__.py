@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--metrics-url", help="Triton metrics endpoint, for GPU memory and --collect-metrics "
                         "(default with a local GPU: http://<url host>:8002/metrics)")
     server.add_argument("--server-pid", type=int,
-                        help="pid of a local tritonserver: the peak memory (PSS) of its process group is reported")
+                        help="pid of a local tritonserver: the peak memory of its process group is reported")
     server.add_argument("--start-server", action="store_true", help="start a local tritonserver for the run")
     server.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
                         help="with --start-server (default: the repository's, %(default)s)")

@@ -5,10 +5,10 @@
 
 For each CT it starts a local Triton server (CPU configs) on a temporary copy of the model repository
 with the bundle installed, loading only the models the request needs, segments the CT through the
-ensemble with the gRPC client and samples the memory of the server's whole process group (server and Python stubs;
-proportional set size, so shared-memory tensors count once). Then it runs the reference pipeline (wholebody.reference) in a child
-process with the same weights and measures that process's peak RSS. It prints one table; the labels
-column is the share of voxels on which the two label maps agree.
+ensemble with the gRPC client and samples the memory of the server's whole process group (server and Python stubs:
+private memory plus each shared-memory file, counted once; perf.run.host_memory_bytes). Then it runs the reference
+pipeline (wholebody.reference) in a child process with the same weights, sampled the same way. It prints one table;
+the labels column is the share of voxels on which the two label maps agree.
 """
 
 from __future__ import annotations
@@ -127,20 +127,26 @@ def run_reference_child(
 def run_reference(
     ct: Path, bundle: Path, resolution: str, device: str, amp: bool, out: Path, warmup: int = 0
 ) -> dict[str, float]:
-    """Run the reference in a child process; its peak RSS comes from the kernel's accounting."""
+    """Run the reference in a child process (its own process group), sampled as the server is.
+
+    Its peak RSS from the kernel's accounting comes back as well (`rss_gb`: that includes library
+    code, which the sampled figure leaves out for both pipelines).
+    """
     cmd = [
         sys.executable, "-m", "perf.reference_comparison", "--reference-child",
         str(ct), str(bundle), resolution, device, "amp" if amp else "fp32", str(out), str(warmup),
     ]
     with tempfile.TemporaryFile("w+") as stdout:
-        process = subprocess.Popen(cmd, stdout=stdout)
-        _, status, usage = os.wait4(process.pid, 0)  # reaps the child with its own resource usage
+        process = subprocess.Popen(cmd, stdout=stdout, start_new_session=True)
+        with MemorySampler(server_pid=process.pid, interval_s=0.05) as memory:
+            _, status, usage = os.wait4(process.pid, 0)  # reaps the child with its own resource usage
         process.returncode = os.waitstatus_to_exitcode(status)
         if process.returncode:
             raise RuntimeError(f"reference pipeline failed with exit code {process.returncode}")
         stdout.seek(0)
         seconds = json.loads(stdout.read().strip().splitlines()[-1])
-    seconds["peak_gb"] = usage.ru_maxrss * 1024 / 2**30  # ru_maxrss is in KiB on Linux
+    seconds["peak_gb"] = (memory.peak_host or 0) / 2**30
+    seconds["rss_gb"] = usage.ru_maxrss * 1024 / 2**30  # ru_maxrss is in KiB on Linux
     return seconds
 
 
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nMachine: {machine(args.device)}; {args.resolution}; served {args.network}; weights: {bundle}; "
         f"median of {args.repeats} alternated run(s) each\n"
     )
-    memory = "GPU peak GB (served: card; reference: torch reserved)" if gpu else "peak memory GB (served: PSS sum; reference: RSS)"
+    memory = "GPU peak GB (served: card; reference: torch reserved)" if gpu else "peak memory GB (reference: its peak RSS too)"
     print(f"| CT | pipeline | total s | pre s | sliding window s (network s) | post/invert s | write s | {memory} | labels equal |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case, served, reference, equal in rows:
@@ -233,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{served['gpu_peak_gb']:.2f} (idle {served['gpu_idle_gb']:.2f})" if gpu
             else f"{served['peak_gb']:.2f} (idle {served['idle_gb']:.2f})"
         )
-        reference_memory = reference.get("gpu_peak_gb", 0.0) if gpu else reference["peak_gb"]
+        reference_memory = (
+            f"{reference.get('gpu_peak_gb', 0.0):.2f}" if gpu else f"{reference['peak_gb']:.2f} (RSS {reference['rss_gb']:.2f})"
+        )
         print(
             f"| {case} | served (Triton, client time) | {served['total']:.2f} | {served['pre']:.2f} | "
             f"{served['sliding window']:.2f} ({served['network']:.2f}) | {served['invert']:.2f} | {served['write']:.2f} | "
@@ -241,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"| {case} | reference (MONAI, in-process) | {reference['total']:.2f} | {reference['pre']:.2f} | "
-            f"{reference['inferer']:.2f} | {reference['post']:.2f} | {reference['write']:.2f} | {reference_memory:.2f} | |"
+            f"{reference['inferer']:.2f} | {reference['post']:.2f} | {reference['write']:.2f} | {reference_memory} | |"
         )
         print(f"| {case} | speedup | {reference['total'] / served['total']:.2f}x | | | | | | |")
     return 0

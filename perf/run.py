@@ -107,18 +107,31 @@ def server_info(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
 
 # --- memory ----------------------------------------------------------------------------------------
 def host_memory_bytes(pids: list[int]) -> int:
-    """Memory of `pids` together: the sum of their PSS (shared pages split among the processes mapping
-    them, so libraries and shared memory regions count once), or of their RSS where smaps_rollup is missing."""
-    total = 0
+    """Resident memory of `pids` together, each page counted once.
+
+    That is each process's private memory (RssAnon of /proc/PID/status) plus the resident size of
+    every shared-memory file (/dev/shm: the Python backend's pools, clients' input regions) that any
+    of them maps, counted once however many map it; shared library code is left out. Only counters
+    are read: summing PSS instead walks every page table under the processes' memory lock, and
+    sampling it every 50 ms slowed the served pipeline by a third.
+    """
+    total, shared = 0, set()
     for pid in pids:
         try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            total += next(int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:"))
-        except (OSError, StopIteration, ValueError):
-            try:
-                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, IndexError, ValueError):
-                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssAnon:")), 0)
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                shared.add(fields[5].removesuffix(" (deleted)"))
+    for path in shared:
+        try:
+            total += os.stat(path).st_blocks * 512
+        except OSError:
+            continue  # removed since (a client unregistering its region)
     return total
 
 
@@ -149,7 +162,8 @@ def _group_of(pid: int) -> int:
 
 @dataclass
 class MemorySampler:
-    """Samples, in a thread, the memory of the server's process group (PSS) and the GPU memory in use.
+    """Samples, in a thread, the memory of the server's process group (host_memory_bytes) and the GPU
+    memory in use.
 
     GPU memory comes from Triton's metrics endpoint (nv_gpu_memory_used_bytes), or nvidia-smi when the
     server exports no GPU metrics. Peaks are None when that source was not available.

@@ -143,7 +143,7 @@ class Table:
 
 
 def memory(run: Run, m: Measured) -> str:
-    """GPU runs: perf_analyzer's `Max GPU Memory Usage`, else our sampled peak; CPU runs: the server's peak PSS."""
+    """GPU runs: perf_analyzer's `Max GPU Memory Usage`, else our sampled peak; CPU runs: the server's peak host memory."""
     if run.device == "GPU":
         return gigabytes(gpu_memory_bytes(m.top) or run.peak_gpu_bytes)
     return gigabytes(run.peak_host_bytes)
@@ -195,8 +195,8 @@ def latency_breakdown(raw: Path, runs: list[Run]) -> Table:
         "(client.segmentation_client.write_label_map), timed by `python -m perf`.",
         "memory = on GPU, the peak GPU memory in use: perf_analyzer's `Max GPU Memory Usage` (--collect-metrics), "
         "else sampled from Triton's nv_gpu_memory_used_bytes or nvidia-smi; on CPU the "
-        "peak host memory of the tritonserver process group (server + Python backend stubs): the sum of their PSS "
-        "(/proc/<pid>/smaps_rollup, shared pages and shared memory regions counted once), sampled every 0.25 s "
+        "peak host memory of the tritonserver process group (server + Python backend stubs): their private memory "
+        "(RssAnon) plus every shared-memory file they map, counted once (perf.run.host_memory_bytes), sampled every 0.25 s "
         "during the run. GB = 10^9 bytes.",
         "Times are averages over the measured requests, in seconds; queue and transfer time is in Total only.",
     ]

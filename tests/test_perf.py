@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from perf.__main__ import main as perf_main
-from perf.run import gpu_memory_from_metrics, slugify
+from perf.run import gpu_memory_from_metrics, host_memory_bytes, slugify
 from perf.scenarios import (
     Overrides,
     Run,
@@ -227,6 +229,20 @@ def test_small_parsers() -> None:
 def _row(path: Path, first: str) -> list[str]:
     with open(path, newline="") as f:
         return next(r for r in csv.reader(f) if r and r[0].startswith(first))
+
+
+def test_host_memory_counts_a_shared_memory_file_once() -> None:
+    before = host_memory_bytes([os.getpid()])
+    region = shared_memory.SharedMemory(create=True, size=64 * 2**20)
+    try:
+        region.buf[:] = b"\x01" * region.size  # resident now
+        second_mapping = shared_memory.SharedMemory(name=region.name)  # the same file mapped again
+        grown = host_memory_bytes([os.getpid()]) - before
+        second_mapping.close()
+    finally:
+        region.close()
+        region.unlink()
+    assert 64 * 2**20 <= grown < 96 * 2**20
 
 
 def test_perf_against_a_real_server(server: LocalTritonServer, tmp_path: Path) -> None:
