@@ -1,4 +1,4 @@
-"""Bundle loading: the real layout, checkpoint formats, and clear errors."""
+"""Bundle loading: the real layout, checkpoint formats, clear errors; the channels-last serving layout."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from wholebody.bundle import (
     read_network_def,
 )
 from wholebody.contract import NUM_CLASSES, RESOLUTIONS
+from wholebody.layout import ContiguousPointwiseConv, channels_last
 
 
 def test_test_bundle_has_the_real_layout(test_bundle: Path) -> None:
@@ -73,3 +74,22 @@ def test_install_cli_puts_weights_in_the_torch_models(test_bundle: Path, tmp_pat
     assert main(["install", "--bundle", str(tmp_path / "nowhere"), "--model-repository", str(repo)]) == 2
     installed = install_bundle(test_bundle, repo)
     assert len(installed) == 4 and not list(repo.rglob("*.partial"))
+
+
+def test_channels_last_network_returns_contiguous_logits(test_bundle: Path) -> None:
+    network = load_network(test_bundle, "lowres")
+    window = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = network(window)
+    fast = channels_last(network, torch.randn(1, 1, 32, 32, 32))
+    assert isinstance(fast.get_submodule("conv_final.2.conv"), ContiguousPointwiseConv)
+    with torch.inference_mode():
+        logits = fast(window.contiguous(memory_format=torch.channels_last_3d))
+    assert logits.is_contiguous()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_keeps_a_last_convolution_that_is_not_pointwise() -> None:
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.Conv3d(4, 3, 3, padding=1)).eval()
+    fast = channels_last(network, torch.randn(1, 1, 8, 8, 8))
+    assert all(isinstance(m, torch.nn.Conv3d) for m in fast)

@@ -22,7 +22,8 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
 from wholebody.bundle import build_network, load_checkpoint
-from wholebody.contract import LOGITS, WINDOW
+from wholebody.contract import IN_CHANNELS, LOGITS, WINDOW
+from wholebody.layout import channels_last
 from wholebody.memory import enable_huge_pages
 
 
@@ -141,7 +142,8 @@ class TorchNetworkModel:
     The version folder holds `network_def.json` (the bundle's network_def) and the checkpoint named
     by the `checkpoint` parameter; `precision` is `fp32` (TF32 off, as the bundle table's torch_fp32)
     or `amp` (autocast: fp16 on GPU, bf16 on CPU, as the bundle's evaluator `amp=True`);
-    `memory_format` is `contiguous` or `channels_last_3d` (oneDNN's faster layout on CPU);
+    `memory_format` is `contiguous` or `channels_last_3d` (oneDNN's faster layout on CPU; see
+    wholebody.layout);
     `huge_pages: yes` backs the activations with transparent huge pages (fewer page faults per window).
     """
 
@@ -167,7 +169,11 @@ class TorchNetworkModel:
         if layout not in memory_formats:
             raise ValueError(f"parameter memory_format must be one of {sorted(memory_formats)}, got {layout!r}")
         self.memory_format = memory_formats[layout]
-        self.network = load_checkpoint(network, checkpoint).to(self.device, memory_format=self.memory_format)
+        network = load_checkpoint(network, checkpoint).to(self.device)
+        if self.memory_format == torch.channels_last_3d:
+            example = torch.randn(1, IN_CHANNELS, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+            network = channels_last(network, example.to(self.device))
+        self.network = network
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = False
