@@ -113,7 +113,7 @@ def host_memory_bytes(pids: list[int]) -> int:
     every shared-memory file (/dev/shm: the Python backend's pools, clients' input regions) that any
     of them maps, counted once however many map it; shared library code is left out. Only counters
     are read: summing PSS instead walks every page table under the processes' memory lock, and
-    sampling it every 50 ms slowed the served pipeline by a third.
+    sampling it every 0.1 s slowed the served pipeline by a third.
     """
     total, shared = 0, set()
     for pid in pids:
