@@ -180,7 +180,8 @@ class TorchNetworkModel:
             torch.backends.cudnn.allow_tf32 = False
         self.autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self.logger.info(
-            "serving %s (%s) on %s, %d CPU threads", checkpoint, self.precision, self.device, torch.get_num_threads()
+            "serving %s (%s, %s) on %s, %d CPU threads",
+            checkpoint, self.precision, layout, self.device, torch.get_num_threads(),
         )
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
