@@ -57,10 +57,7 @@ def parameters(args: dict[str, str]) -> dict[str, str]:
 
 def apply_huge_pages(params: dict[str, str], logger: logging.Logger) -> None:
     """Honour the `huge_pages` parameter (`yes`/`no`, default `no`); call it before allocating tensors."""
-    value = params.get("huge_pages", "no")
-    if value not in ("yes", "no"):
-        raise ValueError(f"parameter huge_pages must be 'yes' or 'no', got {value!r}")
-    if value == "yes":
+    if choice_parameter(params, "huge_pages", ("yes", "no"), default="no") == "yes":
         if enable_huge_pages():
             logger.info("large tensors use transparent huge pages")
         else:
@@ -71,6 +68,14 @@ def required_parameter(params: dict[str, str], key: str) -> str:
     if key not in params or params[key] == "":
         raise ValueError(f"config.pbtxt must set parameter {key!r}")
     return params[key]
+
+
+def choice_parameter(params: dict[str, str], key: str, choices: Sequence[str], default: str | None = None) -> str:
+    """Parameter `key`, which must be one of `choices`; required unless a `default` is given."""
+    value = required_parameter(params, key) if default is None else params.get(key) or default
+    if value not in choices:
+        raise ValueError(f"parameter {key!r} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 def input_tensor(request: Any, name: str, device: torch.device) -> torch.Tensor:
@@ -136,7 +141,30 @@ def respond_each(
     return responses
 
 
-class TorchNetworkModel:
+class PythonModel:
+    """What every Python-backend model of the repository does: `initialize` sets the instance's
+    logger, device and config parameters, applies `huge_pages`, then calls `configure`; `execute`
+    answers each request with `handle`'s output tensors or that request's own error.
+    """
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.logger = model_logger(args)
+        self.device = instance_device(args)
+        self.params = parameters(args)
+        apply_huge_pages(self.params, self.logger)
+        self.configure(args)
+
+    def configure(self, args: dict[str, str]) -> None:
+        """Read the model's own parameters (`self.params`) and load what it needs."""
+
+    def handle(self, request: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return respond_each(requests, self.handle, self.logger)
+
+
+class TorchNetworkModel(PythonModel):
     """A network model served by PyTorch: a batch of windows in, logits out.
 
     The version folder holds `network_def.json` (the bundle's network_def) and the checkpoint named
@@ -147,27 +175,19 @@ class TorchNetworkModel:
     `huge_pages: yes` backs the activations with transparent huge pages (fewer page faults per window).
     """
 
-    def initialize(self, args: dict[str, str]) -> None:
-        self.logger = model_logger(args)
-        params = parameters(args)
-        self.device = instance_device(args)
+    def configure(self, args: dict[str, str]) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.precision = required_parameter(params, "precision")
-        if self.precision not in ("fp32", "amp"):
-            raise ValueError(f"parameter precision must be 'fp32' or 'amp', got {self.precision!r}")
+        self.precision = choice_parameter(self.params, "precision", ("fp32", "amp"))
         network_def_path = version_dir / "network_def.json"
-        checkpoint = version_dir / required_parameter(params, "checkpoint")
+        checkpoint = version_dir / required_parameter(self.params, "checkpoint")
         if not network_def_path.exists() or not checkpoint.exists():
             raise FileNotFoundError(
                 f"{version_dir} lacks network_def.json or {checkpoint.name}: install a bundle with "
                 "`python -m wholebody.bundle install --bundle DIR`"
             )
-        apply_huge_pages(params, self.logger)
         network = build_network(json.loads(network_def_path.read_text()))
         memory_formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
-        layout = params.get("memory_format", "contiguous")
-        if layout not in memory_formats:
-            raise ValueError(f"parameter memory_format must be one of {sorted(memory_formats)}, got {layout!r}")
+        layout = choice_parameter(self.params, "memory_format", list(memory_formats), default="contiguous")
         self.memory_format = memory_formats[layout]
         network = load_checkpoint(network, checkpoint).to(self.device)
         if self.memory_format == torch.channels_last_3d:

@@ -8,14 +8,10 @@ import torch
 
 from wholebody.contract import AFFINE, LABEL_MAP, ORIENTED_AFFINE, ORIENTED_SHAPE, RESAMPLED_AFFINE, RESAMPLED_LABEL_MAP
 from wholebody.postprocessing import invert_to_input_grid
-from wholebody.triton_python import input_tensor, instance_device, model_logger, output_tensor, respond_each
+from wholebody.triton_python import PythonModel, input_tensor, output_tensor
 
 
-class TritonPythonModel:
-    def initialize(self, args: dict[str, str]) -> None:
-        self.logger = model_logger(args)
-        self.device = instance_device(args)
-
+class TritonPythonModel(PythonModel):
     def handle(self, request: Any) -> list[Any]:
         cpu = torch.device("cpu")
         label_map = input_tensor(request, RESAMPLED_LABEL_MAP, self.device)
@@ -27,6 +23,3 @@ class TritonPythonModel:
             input_tensor(request, AFFINE, cpu).numpy(),
         )
         return [output_tensor(LABEL_MAP, label_map)]
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        return respond_each(requests, self.handle, self.logger)

@@ -19,29 +19,22 @@ from wholebody.contract import (
 )
 from wholebody.preprocessing import InvalidVolumeError, check_volume, estimated_resampled_voxels, preprocess
 from wholebody.triton_python import (
+    PythonModel,
+    choice_parameter,
     input_tensor,
-    instance_device,
-    model_logger,
     optional_string,
     output_tensor,
-    parameters,
     required_parameter,
-    respond_each,
     string_tensor,
 )
 
 
-class TritonPythonModel:
-    def initialize(self, args: dict[str, str]) -> None:
-        self.logger = model_logger(args)
-        self.device = instance_device(args)
-        params = parameters(args)
-        self.default_resolution = required_parameter(params, "default_resolution")
-        self.max_input_voxels = int(required_parameter(params, "max_input_voxels"))
-        self.max_resampled_voxels = int(required_parameter(params, "max_resampled_voxels"))
-        self.resample_dtype = getattr(torch, required_parameter(params, "resample_dtype"))
-        if self.default_resolution not in RESOLUTIONS:
-            raise ValueError(f"default_resolution must be one of {sorted(RESOLUTIONS)}")
+class TritonPythonModel(PythonModel):
+    def configure(self, args: dict[str, str]) -> None:
+        self.default_resolution = choice_parameter(self.params, "default_resolution", sorted(RESOLUTIONS))
+        self.max_input_voxels = int(required_parameter(self.params, "max_input_voxels"))
+        self.max_resampled_voxels = int(required_parameter(self.params, "max_resampled_voxels"))
+        self.resample_dtype = getattr(torch, required_parameter(self.params, "resample_dtype"))
 
     def handle(self, request: Any) -> list[Any]:
         resolution = optional_string(request, RESOLUTION, self.default_resolution)
@@ -65,6 +58,3 @@ class TritonPythonModel:
             output_tensor(ORIENTED_SHAPE, torch.tensor(result.oriented_shape, dtype=torch.int64)),
             string_tensor(RESOLVED_RESOLUTION, resolution),
         ]
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        return respond_each(requests, self.handle, self.logger)

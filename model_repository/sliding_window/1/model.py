@@ -21,32 +21,23 @@ from wholebody.contract import (
 )
 from wholebody.sliding_window import sliding_window_label_map
 from wholebody.triton_python import (
-    apply_huge_pages,
+    PythonModel,
+    choice_parameter,
     input_tensor,
-    instance_device,
-    model_logger,
     optional_string,
     output_tensor,
-    parameters,
     required_parameter,
-    respond_each,
 )
 
 
-class TritonPythonModel:
-    def initialize(self, args: dict[str, str]) -> None:
-        self.logger = model_logger(args)
-        self.device = instance_device(args)
-        params = parameters(args)
-        self.default_network = required_parameter(params, "default_network")
-        self.sw_batch_size = int(required_parameter(params, "sw_batch_size"))
-        self.overlap = float(required_parameter(params, "overlap"))
-        self.mode = required_parameter(params, "mode")
-        self.padding_mode = required_parameter(params, "padding_mode")
-        self.progress_every_s = float(params.get("progress_log_interval_s", "10"))
-        apply_huge_pages(params, self.logger)
-        if self.default_network not in VARIANTS:
-            raise ValueError(f"default_network must be one of {list(VARIANTS)}")
+class TritonPythonModel(PythonModel):
+    def configure(self, args: dict[str, str]) -> None:
+        self.default_network = choice_parameter(self.params, "default_network", list(VARIANTS))
+        self.sw_batch_size = int(required_parameter(self.params, "sw_batch_size"))
+        self.overlap = float(required_parameter(self.params, "overlap"))
+        self.mode = required_parameter(self.params, "mode")
+        self.padding_mode = required_parameter(self.params, "padding_mode")
+        self.progress_every_s = float(self.params.get("progress_log_interval_s", "10"))
 
     def predictor(self, model_name: str):
         def predict(windows: torch.Tensor) -> torch.Tensor:
@@ -89,6 +80,3 @@ class TritonPythonModel:
             progress=progress,
         )
         return [output_tensor(RESAMPLED_LABEL_MAP, label_map)]
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        return respond_each(requests, self.handle, self.logger)
