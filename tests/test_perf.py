@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from perf.__main__ import main as perf_main
+from perf.network_forward import SETTINGS, run_child
 from perf.run import gpu_memory_from_metrics, host_memory_bytes, slugify
 from perf.scenarios import (
     Overrides,
@@ -243,6 +244,14 @@ def test_host_memory_counts_a_shared_memory_file_once() -> None:
         region.close()
         region.unlink()
     assert 64 * 2**20 <= grown < 96 * 2**20
+
+
+@pytest.mark.parametrize("layout", sorted({layout for layout, _ in SETTINGS.values()}))
+def test_network_forward_times_each_forward(test_bundle: Path, layout: str) -> None:
+    result = run_child(test_bundle, "lowres", layout, huge_pages=False, forwards=2)
+    assert len(result["seconds"]) == len(result["faults"]) == len(result["peak_gb"]) == 2
+    assert all(s > 0 for s in result["seconds"])
+    assert min(result["peak_gb"]) >= result["loaded_gb"][0] > 0
 
 
 def test_perf_against_a_real_server(server: LocalTritonServer, tmp_path: Path) -> None:
