@@ -253,48 +253,34 @@ def _pixels(where: str, files: list[_File]) -> np.ndarray:
     return hu.astype(np.float32)
 
 
-def write_ct_series(
-    volume: np.ndarray,
+def ct_series_headers(
+    shape: tuple[int, int, int],
     affine: np.ndarray,
-    folder: str | Path,
     *,
     slope: float = 1.0,
     intercept: float = -1024.0,
-    transfer_syntax: str = ExplicitVRLittleEndian,
     study_uid: str | None = None,
     series_uid: str | None = None,
     patient_id: str = "ANON",
     series_description: str = "",
     gantry_tilt_deg: float | None = None,
-) -> list[Path]:
-    """Write a volume as a CT series (CT Image Storage, one file per slice, LPS) into `folder`.
+) -> list[Dataset]:
+    """The headers (no pixel data) of a CT series (CT Image Storage, LPS) of a volume [X, Y, Z] = `shape`.
 
-    volume: [X, Y, Z] HU (any numeric dtype); affine: [4, 4] voxel -> RAS mm whose first two columns are
-    orthogonal (the third may be sheared: gantry tilt). Stored values are round((HU - intercept) / slope)
-    as int16. transfer_syntax: any one pydicom can encode (Explicit VR Little Endian, RLE Lossless,
-    JPEG 2000 Lossless, JPEG-LS Lossless). Returns the files, named by slice index. Raises ValueError
-    for a non-3-D volume, non-orthogonal in-plane axes or stored values outside int16.
+    affine: [4, 4] voxel -> RAS mm whose first two columns are orthogonal (the third may be sheared:
+    gantry tilt). Slice z is at affine @ (0, 0, z, 1). Pixel module: int16 stored values (16 bits,
+    signed), HU = slope * stored + intercept. Raises ValueError for non-orthogonal in-plane axes.
     """
-    volume = np.asarray(volume)
-    if volume.ndim != 3:
-        raise ValueError(f"volume must be 3-D [X, Y, Z], got shape {volume.shape}")
     lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(affine, float)
     col_step, row_step, slice_step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
     dx, dy = np.linalg.norm(col_step), np.linalg.norm(row_step)
     if abs(np.dot(col_step, row_step)) > 1e-6 * dx * dy:
         raise ValueError("the affine's first two columns are not orthogonal: no DICOM slice has that geometry")
-    stored = np.round((volume.astype(np.float64) - intercept) / slope)
-    if stored.min() < -32768 or stored.max() > 32767:
-        raise ValueError(f"stored values {stored.min():.0f}..{stored.max():.0f} exceed int16; change slope/intercept")
-    stored = stored.astype(np.int16)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     frame_uid = generate_uid()
-    nx, ny, nz = volume.shape
-    width = len(str(nz))
-    paths = []
+    nx, ny, nz = shape
+    out = []
     for z in range(nz):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
@@ -322,6 +308,42 @@ def write_ct_series(
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows, ds.Columns = ny, nx
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        out.append(ds)
+    return out
+
+
+def write_ct_series(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    folder: str | Path,
+    *,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    **header: object,
+) -> list[Path]:
+    """Write a volume as a CT series (CT Image Storage, one file per slice, LPS) into `folder`.
+
+    volume: [X, Y, Z] HU (any numeric dtype); affine: [4, 4] voxel -> RAS mm (see `ct_series_headers`,
+    which takes the other keywords: study_uid, series_uid, patient_id, series_description,
+    gantry_tilt_deg). Stored values are round((HU - intercept) / slope) as int16. transfer_syntax: any
+    one pydicom can encode (Explicit VR Little Endian, RLE Lossless, JPEG 2000 Lossless, JPEG-LS
+    Lossless). Returns the files, named by slice index. Raises ValueError for a non-3-D volume,
+    non-orthogonal in-plane axes or stored values outside int16.
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be 3-D [X, Y, Z], got shape {volume.shape}")
+    stored = np.round((volume.astype(np.float64) - intercept) / slope)
+    if stored.min() < -32768 or stored.max() > 32767:
+        raise ValueError(f"stored values {stored.min():.0f}..{stored.max():.0f} exceed int16; change slope/intercept")
+    stored = stored.astype(np.int16)
+    headers = ct_series_headers(volume.shape, affine, slope=slope, intercept=intercept, **header)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    width = len(str(len(headers)))
+    paths = []
+    for z, ds in enumerate(headers):
         pixels = np.ascontiguousarray(stored[:, :, z].T)
         ds.PixelData = pixels.tobytes()
         if transfer_syntax != ExplicitVRLittleEndian:
