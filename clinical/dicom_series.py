@@ -232,7 +232,10 @@ def _pixels(where: str, files: list[_File]) -> np.ndarray:
     if int(first.get("SamplesPerPixel", 1)) != 1:
         raise DicomInputError(f"{where}: {first.get('PhotometricInterpretation')} colour images are not CT; "
                               "give the CT series")
-    hu = np.empty((int(first.Columns), int(first.Rows), len(files)), dtype=np.float64)
+    # int16 while every value so far is an exact integer within int16, float32 from the first that is not;
+    # one slice at a time in float64 (a 512x512x400 volume in float64 would be 0.8 GB)
+    volume = np.empty((int(first.Columns), int(first.Rows), len(files)), dtype=np.int16)
+    info = np.iinfo(np.int16)
     for z, f in enumerate(files):
         syntax = f.header.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(f.header) else None
         try:
@@ -242,15 +245,17 @@ def _pixels(where: str, files: list[_File]) -> np.ndarray:
         except Exception as exc:  # noqa: BLE001 - re-raised as one line naming the file
             name = getattr(syntax, "name", syntax)
             raise DicomInputError(
-                f"{f.name}: cannot decode its pixel data ({name}): {str(exc).splitlines()[0]}; install the decoder "
-                "pydicom names (pylibjpeg-openjpeg, pylibjpeg-libjpeg, pylibjpeg-rle or python-gdcm)") from exc
+                f"{f.name}: cannot decode its pixel data ({name}): {' '.join(str(exc).split())[:300]}; a corrupt file, "
+                "or install the decoder pydicom names (pylibjpeg-openjpeg, pylibjpeg-libjpeg, pylibjpeg-rle, "
+                "python-gdcm)") from exc
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        hu[:, :, z] = stored.T * slope + intercept
-    info = np.iinfo(np.int16)
-    if np.all(hu == np.round(hu)) and hu.min() >= info.min and hu.max() <= info.max:
-        return hu.astype(np.int16)
-    return hu.astype(np.float32)
+        hu = stored.T * slope + intercept
+        if volume.dtype == np.int16 and not (
+                np.all(hu == np.round(hu)) and hu.min() >= info.min and hu.max() <= info.max):
+            volume = volume.astype(np.float32)
+        volume[:, :, z] = hu
+    return volume
 
 
 def ct_series_headers(

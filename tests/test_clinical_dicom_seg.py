@@ -78,3 +78,12 @@ def test_bad_inputs_get_one_line_errors(series: DicomSeries, tmp_path: Path) -> 
     (tmp_path / "not.dcm").write_bytes(b"nothing")
     with pytest.raises(DicomSegError, match="not a readable DICOM-SEG"):
         read_dicom_seg(tmp_path / "not.dcm", series.datasets)
+
+
+def test_benchmark_script_runs_on_a_small_label_map(capsys: pytest.CaptureFixture[str]) -> None:
+    from perf import dicom_seg_benchmark
+
+    assert dicom_seg_benchmark.main(["--shape", "48", "40", "24", "--structures", "12",
+                                     "--encodings", "labelmap-rle,binary"]) == 0
+    table = capsys.readouterr().out
+    assert "| NIfTI .nii.gz (nibabel) |" in table and "| DICOM-SEG binary (BINARY" in table

@@ -8,6 +8,7 @@ careful converter whose geometry ours must equal.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import zipfile
@@ -104,6 +105,14 @@ def test_compressed_transfer_syntaxes(aorta_crop: nib.Nifti1Image, tmp_path: Pat
     assert pydicom.dcmread(next((tmp_path / "ct").iterdir())).file_meta.TransferSyntaxUID == syntax
     series, = read_ct_series(tmp_path / "ct")
     np.testing.assert_array_equal(series.volume, hu)
+    broken = sorted((tmp_path / "ct").iterdir())[3]
+    ds = pydicom.dcmread(broken)
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])  # a frame no decoder can read
+    ds.save_as(broken)
+    expected = "^" + re.escape(f"{broken}: cannot decode its pixel data ({syntax.name})")
+    with pytest.raises(DicomInputError, match=expected) as err:
+        read_ct_series(tmp_path / "ct")
+    assert "\n" not in str(err.value)
 
 
 def test_real_siemens_series_matches_dcm2niix(tmp_path: Path) -> None:
