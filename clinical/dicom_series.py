@@ -165,7 +165,8 @@ def read_ct_series(path: str | Path, series_uid: str | None = None) -> list[Dico
             raise DicomInputError(f"{path}: no CT series {series_uid}{why}; CT series there: {known}")
         series = {series_uid: series[series_uid]}
     if not series:
-        what = f"{len(others)} non-CT series ({', '.join(sorted(set(others.values())))})" if others else "no DICOM series"
+        kinds = ", ".join(sorted(set(others.values())))
+        what = f"{len(others)} non-CT series ({kinds})" if others else "no DICOM series"
         raise DicomInputError(
             f"{path}: no CT image series found ({what}, {skipped} other files); give a folder or .zip holding "
             "a CT series (CT Image Storage, one file per slice)")
