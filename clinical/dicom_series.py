@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,7 +39,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (CTImageStorage, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         generate_uid)
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +108,37 @@ def _iter_files(path: Path) -> Iterator[tuple[str, object]]:
         raise DicomInputError(f"{path}: no such file or folder; give a folder or a .zip of DICOM files")
 
 
+def _read_header(opener: object) -> Dataset | None:
+    """The header of a DICOM file, also of one without the Part-10 preamble (old exports); None if not DICOM."""
+    for force in (False, True):
+        try:
+            with opener() as f, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom's warnings about a forced read of a non-DICOM file
+                header = pydicom.dcmread(f, stop_before_pixels=True, force=force)
+        except InvalidDicomError:
+            continue
+        except (EOFError, ValueError, KeyError, TypeError, OSError, struct.error):
+            return None
+        if not force:
+            return header
+        # a forced read parses anything: keep it only if it looks like an image slice
+        try:
+            if "Modality" in header and "ImagePositionPatient" in header and "SeriesInstanceUID" in header:
+                return header
+        except Exception:  # noqa: BLE001 - garbage parsed as elements fails on access
+            return None
+    return None
+
+
 def _scan(path: Path) -> tuple[dict[str, list[_File]], dict[str, str], int]:
     """Headers of every DICOM file, grouped by SeriesInstanceUID; other series' kinds; files skipped."""
     series: dict[str, list[_File]] = {}
     others: dict[str, str] = {}
     skipped = 0
     for name, opener in _iter_files(path):
-        try:
-            with opener() as f:
-                header = pydicom.dcmread(f, stop_before_pixels=True)
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
-            log.debug("skipping %s: not DICOM (%s)", name, exc)
+        header = _read_header(opener)
+        if header is None:
+            log.debug("skipping %s: not DICOM", name)
             skipped += 1
             continue
         sop_class = str(header.get("SOPClassUID", "") or "")
@@ -241,7 +264,11 @@ def _pixels(where: str, files: list[_File]) -> np.ndarray:
         syntax = f.header.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(f.header) else None
         try:
             with f.opener() as fo:
-                ds = pydicom.dcmread(fo)
+                ds = pydicom.dcmread(fo, force=True)  # known DICOM: also without a Part-10 header
+            if "TransferSyntaxUID" not in ds.file_meta:  # no Part-10 header: uncompressed, as it was parsed
+                implicit, little = ds.original_encoding
+                ds.file_meta.TransferSyntaxUID = (
+                    ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
             stored = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - re-raised as one line naming the file
             name = getattr(syntax, "name", syntax)

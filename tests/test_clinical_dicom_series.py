@@ -130,6 +130,7 @@ def test_folder_with_two_series_a_zip_and_other_files(
     write_ct_series(np.asanyarray(example_ct.dataobj), example_ct.affine, folder / "a", series_uid="1.2.3.1")
     write_ct_series(np.asanyarray(aorta_crop.dataobj), aorta_crop.affine, folder / "b", series_uid="1.2.3.2")
     (folder / "notes.txt").write_text("not DICOM")
+    (folder / "b" / "slice_00.dcm").write_bytes(_without_part10_header(folder / "b" / "slice_00.dcm"))
     assert list_ct_series(folder) == {"1.2.3.1": 112, "1.2.3.2": 40}
     both = {s.series_uid: s for s in read_ct_series(folder)}
     np.testing.assert_array_equal(both["1.2.3.2"].volume, np.asanyarray(aorta_crop.dataobj))
@@ -144,6 +145,18 @@ def test_folder_with_two_series_a_zip_and_other_files(
     from_zip, = read_ct_series(archive)
     np.testing.assert_array_equal(from_zip.volume, both["1.2.3.2"].volume)
     np.testing.assert_array_equal(from_zip.affine, both["1.2.3.2"].affine)
+
+
+def _without_part10_header(path: Path) -> bytes:
+    """The bare data set of a DICOM file (no preamble, no 'DICM', no file meta), as old exports write them."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(path)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
 
 
 def test_uneven_spacing_and_duplicates_are_refused_in_one_line(aorta_crop: nib.Nifti1Image, tmp_path: Path) -> None:
