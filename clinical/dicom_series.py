@@ -98,10 +98,14 @@ def _iter_files(path: Path) -> Iterator[tuple[str, object]]:
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             yield str(f), (lambda f=f: open(f, "rb"))
     elif zipfile.is_zipfile(path):
-        archive = zipfile.ZipFile(path)
-        for info in archive.infolist():
-            if not info.is_dir():
-                yield f"{path}:{info.filename}", (lambda n=info.filename: io.BytesIO(archive.read(n)))
+        def member(name: str) -> io.BytesIO:  # the archive is opened per read: no handle outlives a call
+            with zipfile.ZipFile(path) as archive:
+                return io.BytesIO(archive.read(name))
+
+        with zipfile.ZipFile(path) as archive:
+            names = [info.filename for info in archive.infolist() if not info.is_dir()]
+        for name in names:
+            yield f"{path}:{name}", (lambda n=name: member(n))
     elif path.is_file():
         yield str(path), (lambda: open(path, "rb"))
     else:
