@@ -61,6 +61,20 @@ def test_round_trip_keeps_labels_names_and_codes(series: DicomSeries, tmp_path: 
     assert list(first.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(*rgb).value)
 
 
+@pytest.mark.parametrize("encoding", ["labelmap-rle", "binary"])
+def test_gantry_tilted_series(tmp_path: Path, encoding: str) -> None:
+    img = nib.load(real_ct("example_ct"))
+    affine = img.affine.copy()
+    affine[1, 2] = 3.0 * np.tan(np.radians(15))  # sheared: slices step along y as well as z
+    write_ct_series(np.asanyarray(img.dataobj)[:, :, :20], affine, tmp_path / "ct", gantry_tilt_deg=15)
+    tilted, = read_ct_series(tmp_path / "ct")
+    label_map = blocky_labels(tilted.volume.shape, np.array([0, 7, 58, 104]))
+    path = write_dicom_seg(label_map, tilted.datasets, tmp_path / "seg.dcm", encoding=encoding)
+    back, segments = read_dicom_seg(path, tilted.datasets)
+    np.testing.assert_array_equal(back, label_map)
+    assert [s.name for s in segments] == ["aorta", "rib_left_1", "urinary_bladder"]
+
+
 def test_bad_inputs_get_one_line_errors(series: DicomSeries, tmp_path: Path) -> None:
     label_map = blocky_labels(series.volume.shape, np.array([0, 5]))
     with pytest.raises(DicomSegError, match="not on the source series' grid"):
