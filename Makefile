@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 BUNDLE ?=
 
-.PHONY: setup demo test serve
+.PHONY: setup demo test serve clinical-tools
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,8 +23,23 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m wholebody.demo $(if $(BUNDLE),--bundle $(BUNDLE))
 
-test: setup
+test: setup clinical-tools
 	$(PY) -m pytest
 
 serve: setup
 	$(PY) -m wholebody.triton_server serve
+
+# Debian tools the clinical tests use: a real PACS (Orthanc with its DICOMweb plugin) and dcm2niix,
+# the reference DICOM -> NIfTI converter. Installed with apt-get only when missing (CI runs as root
+# on a fresh Debian machine); a package's own service is stopped again: the tests start their own.
+CLINICAL_DEBS := orthanc orthanc-dicomweb dcm2niix
+clinical-tools:
+	@missing=$$(for p in $(CLINICAL_DEBS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    echo "installing Debian packages:" $$missing; \
+	    $$sudo apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing && \
+	    { $$sudo service orthanc stop >/dev/null 2>&1 || true; }; \
+	fi

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -39,6 +40,47 @@ def real_ct(name: str = "example_ct", cache: Path = DEFAULT_CACHE) -> Path:
     target = Path(cache) / "ct" / f"{name}.nii.gz"
     if target.exists():
         return target
+    archive = _sdist(cache)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        for other, member in REAL_CTS.items():
+            data = tar.extractfile(member)
+            if data is None:
+                raise RuntimeError(f"{archive} has no {member}")
+            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".partial") as tmp:
+                tmp.write(data.read())
+            Path(tmp.name).replace(target.parent / f"{other}.nii.gz")
+    return target
+
+
+# a real Siemens CT series (512x512x20, 0.977 mm pixels, 2 mm slices, JPEG 2000 lossless, anonymised
+# down to empty Study/Series/SOP Instance UIDs) in the same archive
+REAL_CT_DICOM = "totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom/"
+
+
+def real_ct_dicom(cache: Path = DEFAULT_CACHE) -> Path:
+    """Folder of a real CT DICOM series (REAL_CT_DICOM), extracted once from the source archive into `cache`."""
+    target = Path(cache) / "ct" / "example_ct_dicom"
+    if target.is_dir():
+        return target
+    archive = _sdist(cache)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, suffix=".partial"))
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(REAL_CT_DICOM)]
+            if not members:
+                raise RuntimeError(f"{archive} has no {REAL_CT_DICOM}")
+            for member in members:
+                (partial / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+        partial.replace(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _sdist(cache: Path) -> Path:
+    """The verified source archive of SDIST in `cache`, downloaded once."""
     archives = Path(cache) / "sdists"
     archive = archives / "totalsegmentator-2.18.0.tar.gz"
     if not archive.exists():
@@ -52,16 +94,7 @@ def real_ct(name: str = "example_ct", cache: Path = DEFAULT_CACHE) -> Path:
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     if not digest.startswith(SDIST_SHA256_PREFIX):
         raise RuntimeError(f"{archive} has sha256 {digest[:16]}…, expected {SDIST_SHA256_PREFIX}…")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        for other, member in REAL_CTS.items():
-            data = tar.extractfile(member)
-            if data is None:
-                raise RuntimeError(f"{archive} has no {member}")
-            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".partial") as tmp:
-                tmp.write(data.read())
-            Path(tmp.name).replace(target.parent / f"{other}.nii.gz")
-    return target
+    return archive
 
 
 def synthetic_ct(

@@ -1,0 +1,97 @@
+"""DICOM-SEG size, write and read time per encoding, against the NIfTI (.nii.gz) label map, one run.
+
+A 512x512x397 label map (0.84 x 0.84 x 1.5 mm) with ~100 structures: a box per structure, of a
+size and slice extent drawn from a seed, so each structure spans tens of slices as organs and bones
+do (made the same way every time). Write: `clinical.dicom_seg.write_dicom_seg` (highdicom) against
+nibabel's .nii.gz; read: `read_dicom_seg` (highdicom, back to the label map) against nibabel.
+Prints a markdown table naming the machine.
+
+    python -m perf.dicom_seg_benchmark                       # every encoding, ~3-5 min on 2 cores
+    python -m perf.dicom_seg_benchmark --encodings labelmap-rle,binary --shape 256 256 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from clinical.dicom_seg import ENCODINGS, read_dicom_seg, write_dicom_seg
+from clinical.dicom_series import ct_series_headers
+from perf.run import machine_info
+
+
+def blocky_label_map(shape: tuple[int, int, int], structures: int = 100, seed: int = 0) -> np.ndarray:
+    """[X, Y, Z] uint8: `structures` boxes (labels 1..structures) of 15-25 % of the in-plane size and 5-30 %
+    of the slices each, at seeded places inside a body ellipse; later boxes overwrite earlier ones."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = shape
+    labels = np.zeros(shape, dtype=np.uint8)
+    for label in range(1, structures + 1):
+        sx, sy = (rng.uniform(0.15, 0.25, 2) * (nx, ny)).astype(int)
+        sz = int(rng.uniform(0.05, 0.3) * nz)
+        x0 = rng.integers(int(0.1 * nx), int(0.9 * nx) - sx)
+        y0 = rng.integers(int(0.2 * ny), int(0.8 * ny) - sy)
+        z0 = rng.integers(0, nz - sz)
+        labels[x0:x0 + sx, y0:y0 + sy, z0:z0 + sz] = label
+    return labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m perf.dicom_seg_benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encodings", default=",".join(ENCODINGS),
+                        help="comma-separated, of: %(default)s")
+    parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 397), metavar=("X", "Y", "Z"))
+    parser.add_argument("--structures", type=int, default=100, help="number of structures (default %(default)s)")
+    args = parser.parse_args(argv)
+    encodings = [e for e in args.encodings.split(",") if e]
+    unknown = [e for e in encodings if e not in ENCODINGS]
+    if unknown:
+        parser.error(f"unknown encoding(s) {unknown}; choose from {', '.join(ENCODINGS)}")
+    shape = tuple(args.shape)
+    affine = np.diag([0.84, 0.84, 1.5, 1.0])
+    label_map = blocky_label_map(shape, args.structures)
+    present = len(np.unique(label_map)) - 1
+    headers = ct_series_headers(shape, affine)
+    info = machine_info()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        nifti = Path(tmp) / "labels.nii.gz"
+        nib.save(nib.Nifti1Image(label_map, affine), nifti)
+        t1 = time.perf_counter()
+        back = np.asanyarray(nib.load(nifti).dataobj)
+        t2 = time.perf_counter()
+        assert np.array_equal(back, label_map)
+        rows.append(("NIfTI .nii.gz (nibabel)", nifti.stat().st_size, t1 - t0, t2 - t1, "-"))
+        for encoding in encodings:
+            path = Path(tmp) / f"{encoding}.dcm"
+            t0 = time.perf_counter()
+            write_dicom_seg(label_map, headers, path, encoding=encoding)
+            t1 = time.perf_counter()
+            back, segments = read_dicom_seg(path, headers)
+            t2 = time.perf_counter()
+            if not np.array_equal(back, label_map) or len(segments) != present:
+                raise RuntimeError(f"{encoding}: the SEG read back differs from the label map")
+            seg_type, syntax = ENCODINGS[encoding]
+            rows.append((f"DICOM-SEG {encoding} ({seg_type}, {syntax.name})", path.stat().st_size, t1 - t0, t2 - t1,
+                         "yes"))
+            print(f"  {encoding}: {path.stat().st_size / 1e6:.1f} MB, write {t1 - t0:.1f} s, read {t2 - t1:.1f} s",
+                  file=sys.stderr, flush=True)
+            path.unlink()
+    print(f"Machine: {info['cpu']}, {info['cores']} cores. Label map {'x'.join(map(str, shape))} uint8 "
+          f"({label_map.nbytes / 1e6:.0f} MB), {present} structures; one run each.\n")
+    print("| output | size MB | write s | read s | read back equal |")
+    print("|---|---|---|---|---|")
+    for name, size, write_s, read_s, equal in rows:
+        print(f"| {name} | {size / 1e6:.2f} | {write_s:.2f} | {read_s:.2f} | {equal} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
