@@ -42,7 +42,9 @@ def input_affine(kind: str, spacing: tuple[float, float, float]) -> np.ndarray:
         matrix = (matrix + 3e-8 * np.array([[0, 1, -1], [-1, 0, 1], [1, -1, 0]])).astype(np.float32).astype(np.float64)
     elif kind == KINDS[2]:
         c, s = math.cos(math.radians(20)), math.sin(math.radians(20))
-        matrix = np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]]) @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ matrix
+        matrix = (
+            np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]]) @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ matrix
+        )
     elif kind == KINDS[3]:
         t = math.radians(15)
         matrix[:, 2] = [0.0, spacing[2] * math.sin(t), spacing[2] * math.cos(t)]
@@ -68,7 +70,10 @@ def run_child(kind: str, impl: str, shape: tuple[int, int, int], out: Path) -> d
     empty = MetaTensor(torch.zeros(1, 1, 1, 1).expand(1, *shape), affine=torch.as_tensor(affine))
     oriented = Orientation(axcodes="RAS", lazy=True)(empty)
     spaced = Spacing(pixdim=(1.5, 1.5, 1.5), mode="bilinear", lazy=True)(oriented)
-    oriented_affine, oriented_shape = oriented.peek_pending_affine(), tuple(int(s) for s in oriented.peek_pending_shape())
+    oriented_affine, oriented_shape = (
+        oriented.peek_pending_affine(),
+        tuple(int(s) for s in oriented.peek_pending_shape()),
+    )
     label_affine, label_shape = spaced.peek_pending_affine(), tuple(int(s) for s in spaced.peek_pending_shape())
     rotation = np.linalg.solve(label_affine.numpy(), oriented_affine.numpy())[:3, :3]
     separable = not np.any(rotation - np.diag(np.diag(rotation)))
@@ -111,7 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             results, labels = {}, {}
             for impl in ("ours", "monai"):
                 out = Path(tmp) / f"{impl}.npy"
-                command = [sys.executable, "-m", "perf.inversion", "--shape", *map(str, shape), "--child", kind, impl, str(out)]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "perf.inversion",
+                    "--shape",
+                    *map(str, shape),
+                    "--child",
+                    kind,
+                    impl,
+                    str(out),
+                ]
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     log.error("%s / %s failed:\n%s", kind, impl, done.stderr[-2000:])
@@ -123,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((kind, results["ours"], results["monai"], equal))
     machine = machine_info()
     print(f"machine: {machine.get('cpu')}, {machine.get('cores', '?')} cores; output {'x'.join(map(str, shape))}")
-    print("| affine kind | label map | path | ours s | ours extra memory GB | MONAI SpatialResample s | MONAI extra memory GB | labels equal |")
+    columns = ["affine kind", "label map", "path", "ours s", "ours extra memory GB"]
+    columns += ["MONAI SpatialResample s", "MONAI extra memory GB", "labels equal"]
+    print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for kind, ours, monai, equal in rows:
         print(
-            f"| {kind} | {ours['label_shape']} | {ours['path']} | {ours['seconds']:.2f} | {ours['extra_memory_gb']:.2f} | {monai['seconds']:.2f} | "
-            f"{monai['extra_memory_gb']:.2f} | {equal:.4%} |"
+            f"| {kind} | {ours['label_shape']} | {ours['path']} | {ours['seconds']:.2f} | "
+            f"{ours['extra_memory_gb']:.2f} | {monai['seconds']:.2f} | {monai['extra_memory_gb']:.2f} | {equal:.4%} |"
         )
     return 0
 

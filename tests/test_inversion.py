@@ -63,8 +63,12 @@ AFFINES: dict[str, np.ndarray] = {
     "permuted_1.5mm": np.array([[0, 1.5, 0, 0], [0, 0, -1.5, 10], [1.5, 0, 0, -5], [0, 0, 0, 1]]),
     "sheared_gantry_tilt_15deg": _gantry_tilt((0.75, 0.75, 1.5), 15.0),
     "sheared_gantry_tilt_-7deg": _gantry_tilt((0.7, 0.7, 3.0), -7.0),
-    "rotated_oblique_20deg": _affine(_rotation(np.array([1.0, 2.0, 3.0]), 20.0) @ np.diag([0.75, 0.75, 1.5]), (3, -7, 11)),
-    "rotated_oblique_10deg_z": _affine(_rotation(np.array([0.0, 0.0, 1.0]), 10.0) @ np.diag([0.98, 0.98, 1.2]), (0, 0, 0)),
+    "rotated_oblique_20deg": _affine(
+        _rotation(np.array([1.0, 2.0, 3.0]), 20.0) @ np.diag([0.75, 0.75, 1.5]), (3, -7, 11)
+    ),
+    "rotated_oblique_10deg_z": _affine(
+        _rotation(np.array([0.0, 0.0, 1.0]), 10.0) @ np.diag([0.98, 0.98, 1.2]), (0, 0, 0)
+    ),
     "nearly_aligned_0.75mm": _float32_noise((0.75, 0.75, 0.75), 1),
     "nearly_aligned_1.5mm": _float32_noise((1.5, 1.5, 1.5), 2),
     "nearly_aligned_0.75x1.5mm": _float32_noise((0.75, 0.75, 1.5), 3),
@@ -97,7 +101,7 @@ def monai_invertd(transform: Compose, data: dict, labels: torch.Tensor) -> np.nd
     data = dict(data)
     data["pred"] = MetaTensor(labels[None].to(torch.float32), affine=data["image"].affine)
     inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(data)
-    return np.asarray(inverted["pred"])[0].round().astype(np.uint8)
+    return inverted["pred"].as_tensor()[0].cpu().numpy().round().astype(np.uint8)
 
 
 @pytest.mark.parametrize("pixdim", [1.5, 3.0])
@@ -190,12 +194,20 @@ def test_resample_nearest_equals_monai_spatial_resample_between_rotated_grids(de
         assert torch.equal(resample_nearest(labels, src, dst, shape, chunk_voxels), expected), (degrees, chunk_voxels)
 
 
-def test_resample_nearest_on_cuda_matches_cpu_when_available() -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device on this machine")
-    labels = torch.randint(0, 105, (30, 28, 26), dtype=torch.uint8)
-    src = AFFINES["rotated_oblique_20deg"] @ np.diag([2.0, 2.0, 2.0, 1.0])
-    dst = AFFINES["rotated_oblique_20deg"]
-    cpu = resample_nearest(labels, src, dst, (60, 56, 52))
-    gpu = resample_nearest(labels.cuda(), src, dst, (60, 56, 52)).cpu()
-    assert (cpu == gpu).float().mean() > 0.99
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("name", ["nearly_aligned_0.75mm", "sheared_gantry_tilt_15deg", "rotated_oblique_20deg"])
+def test_inversion_on_cuda_equals_invertd_on_cuda(name: str) -> None:
+    """On a GPU both sides run MONAI's arithmetic on the device (cuBLAS, CUDA grid_sample)."""
+    affine = AFFINES[name]
+    torch.manual_seed(3)
+    image = torch.rand(SHAPE, device="cuda")
+    transform = bundle_transforms(1.5)
+    data = transform({"image": MetaTensor(image, affine=torch.as_tensor(affine))})
+    pre = preprocess(image, affine, (1.5,) * 3)
+    labels = torch.randint(0, 105, pre.image.shape, dtype=torch.uint8, device="cuda")
+    expected = monai_invertd(transform, data, labels)
+    ours = invert_to_input_grid(
+        labels, pre.affine.cpu().numpy(), pre.oriented_affine.cpu().numpy(), pre.oriented_shape, affine
+    )
+    assert ours.is_cuda
+    assert float((ours.cpu().numpy() == expected).mean()) == 1.0

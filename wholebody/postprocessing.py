@@ -65,7 +65,9 @@ def _base_line(size: int, device: torch.device) -> torch.Tensor:
     return torch.linspace(-1, 1, size, dtype=torch.float64, device=device) * (size - 1) / size
 
 
-def _sample_indices(grid: torch.Tensor, src_shape: Sequence[int], axes: Sequence[int] = (0, 1, 2)) -> list[torch.Tensor]:
+def _sample_indices(
+    grid: torch.Tensor, src_shape: Sequence[int], axes: Sequence[int] = (0, 1, 2)
+) -> list[torch.Tensor]:
     """Source index along each of `axes` that `grid_sample(nearest, border)` picks at each point of `grid`.
 
     grid_sample computes each axis' index from that axis' coordinate and size alone (unnormalize,
@@ -81,9 +83,7 @@ def _sample_indices(grid: torch.Tensor, src_shape: Sequence[int], axes: Sequence
         shape = [1, 1, 1, 1, 1]
         shape[2 + axis] = size
         ramp = torch.arange(size, dtype=torch.float64, device=grid.device).reshape(shape)
-        picked = torch.nn.functional.grid_sample(
-            ramp, grid, mode="nearest", padding_mode="border", align_corners=False
-        )
+        picked = torch.nn.functional.grid_sample(ramp, grid, mode="nearest", padding_mode="border", align_corners=False)
         indices.append(picked[0, 0].to(torch.int64))
     return indices
 
