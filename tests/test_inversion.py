@@ -72,6 +72,8 @@ AFFINES: dict[str, np.ndarray] = {
     "nearly_aligned_0.75mm": _float32_noise((0.75, 0.75, 0.75), 1),
     "nearly_aligned_1.5mm": _float32_noise((1.5, 1.5, 1.5), 2),
     "nearly_aligned_0.75x1.5mm": _float32_noise((0.75, 0.75, 1.5), 3),
+    # within MONAI's AFFINE_TOL (1e-3) of the 1.5 mm grid: Spacing and its inverse leave the voxels as they are
+    "within_affine_tol_1.5mm": _affine(np.diag([1.5 * (1 - 1e-4)] * 3), (0.0004, -0.0003, 0.0)),
     # MONAI's tests/transforms/test_spacing.py
     "monai_spacing_sheared": np.array([[2, 1, 0, 4], [-1, -3, 0, 5], [0, 0, 2.0, 5], [0, 0, 0, 1]]),
     "monai_spacing_flipped": np.array([[-4, 0, 0, 4], [0, 5, 0, -5], [0, 0, 6, -6], [0, 0, 0, 1.0]]),
