@@ -1,6 +1,7 @@
 """A quick-look PNG: axial, coronal and sagittal slices of the CT with the labels overlaid.
 
-Drawn with matplotlib's Agg backend (no display needed): it places three panels of different
+Drawn with matplotlib's object-oriented `Figure` (rendered by its Agg canvas: no display, no
+pyplot state, the caller's backend untouched): it places three panels of different
 physical sizes side by side at their true aspect (`imshow` extents in mm), and writes titles and
 orientation letters without any font handling of our own.
 
@@ -17,15 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import nibabel as nib
 import numpy as np
+from matplotlib.figure import Figure
 
 from clinical._files import atomic_path
-
-matplotlib.use("Agg")
-
-from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
 DEFAULT_WINDOW_HU = (-400.0, 600.0)
 
