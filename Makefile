@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 BUNDLE ?=
 
-.PHONY: setup demo test serve
+.PHONY: setup demo test serve render deploy-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,3 +28,13 @@ test: setup
 
 serve: setup
 	$(PY) -m wholebody.triton_server serve
+
+# deploy/: render a kustomize overlay (gpu, cpu, gpu-x4) with the pinned kubectl of the [test] extra
+# (Debian 12 has no current kubectl), and the offline checks of the images and manifests.
+OVERLAY ?= gpu
+render:
+	@$(MAKE) --no-print-directory setup >&2
+	@$(VENV)/bin/kubectl kustomize deploy/kubernetes/$(OVERLAY)
+
+deploy-check: setup
+	$(PY) -m pytest tests/test_deploy.py

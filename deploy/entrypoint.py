@@ -115,8 +115,10 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    "[WHOLEBODY_CONFIG_NAME, default '']")
     p.add_argument("--address", default=get("WHOLEBODY_ADDRESS", "127.0.0.1"),
                    help="address the server binds; in a pod 0.0.0.0 [WHOLEBODY_ADDRESS, default loopback]")
-    p.add_argument("--grpc-port", type=int, default=int(get("WHOLEBODY_GRPC_PORT", "8001")), help="[WHOLEBODY_GRPC_PORT]")
-    p.add_argument("--http-port", type=int, default=int(get("WHOLEBODY_HTTP_PORT", "8000")), help="[WHOLEBODY_HTTP_PORT]")
+    p.add_argument("--grpc-port", type=int, default=int(get("WHOLEBODY_GRPC_PORT", "8001")),
+                   help="[WHOLEBODY_GRPC_PORT]")
+    p.add_argument("--http-port", type=int, default=int(get("WHOLEBODY_HTTP_PORT", "8000")),
+                   help="[WHOLEBODY_HTTP_PORT]")
     p.add_argument("--metrics-port", type=int, default=int(get("WHOLEBODY_METRICS_PORT", "8002")),
                    help="Prometheus metrics [WHOLEBODY_METRICS_PORT]")
     p.add_argument("--log", default=get("WHOLEBODY_LOG", "-"), help="server log path, '-' = stdout [WHOLEBODY_LOG]")
