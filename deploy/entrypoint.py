@@ -30,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,11 +242,14 @@ def prepare_repository(source: Path, target: Path) -> None:
 
 
 def run_step(name: str, cmd: Sequence[str]) -> None:
+    """Run one step's command, its output going to the container log; raises EntrypointError."""
     log.info("%s: %s", name, shlex.join(cmd))
+    started = time.monotonic()
     result = subprocess.run(list(cmd), check=False)
     if result.returncode != 0:
         raise EntrypointError(f"{name} failed with exit status {result.returncode} (its output is above): "
                               f"{shlex.join(cmd)}")
+    log.info("%s: done in %.1f s", name, time.monotonic() - started)
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -264,6 +268,10 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         return 2
     except ValueError as exc:  # a WHOLEBODY_*_PORT that is not a number
         log.error("error: %s (check the WHOLEBODY_* environment variables)", exc)
+        return 2
+    except OSError as exc:  # e.g. the repository's folder is read-only or is itself a mount point
+        log.error("error: cannot prepare the model repository: %s (mount a writable volume above "
+                  "--model-repository/WHOLEBODY_MODEL_REPOSITORY)", exc)
         return 2
     cmd = launcher_command(s)
     if args.prepare_only:

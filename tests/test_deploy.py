@@ -525,6 +525,21 @@ def test_entrypoint_prepares_the_repository_and_installs_the_bundle(test_bundle:
     assert not list(tmp_path.joinpath("state").glob("*.partial"))
 
 
+def test_entrypoint_runs_the_exporter_when_asked(test_bundle: Path, tmp_path: Path) -> None:
+    """WHOLEBODY_BUILD_TENSORRT=1 runs `python -m export` into the prepared repository; without TensorRT
+    here only its ONNX stage (--onnx-only), which exports and checks against PyTorch for real."""
+    target = tmp_path / "state" / "model_repository"
+    env = entrypoint_env(bundle=str(test_bundle), model_repository=str(target), build_tensorrt="1",
+                         export_args="--onnx-only --resolution lowres --validation-windows 1")
+    result = run_entrypoint("--prepare-only", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "TensorRT export: done in" in result.stderr
+    assert (tmp_path / "state" / "export-artifacts" / "lowres" / "model.onnx").is_file()
+    result = run_entrypoint("--prepare-only", env=dict(env, WHOLEBODY_EXPORT_ARGS="--precision fp64"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("entrypoint: error: TensorRT export failed")
+
+
 # --- end to end: the entrypoint starts a locked-down server (needs the hardening branch) -----------
 
 HAVE_HEALTH = importlib.util.find_spec("wholebody.health") is not None
