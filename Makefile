@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 BUNDLE ?=
 
-.PHONY: setup demo test serve clinical-tools
+.PHONY: setup demo test serve clinical-tools render deploy-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -43,3 +43,13 @@ clinical-tools:
 	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing && \
 	    { $$sudo service orthanc stop >/dev/null 2>&1 || true; }; \
 	fi
+
+# deploy/: render a kustomize overlay (gpu, cpu, gpu-x4) with the pinned kubectl of the [test] extra
+# (Debian 12 has no current kubectl), and the offline checks of the images and manifests.
+OVERLAY ?= gpu
+render:
+	@$(MAKE) --no-print-directory setup >&2
+	@$(VENV)/bin/kubectl kustomize deploy/kubernetes/$(OVERLAY)
+
+deploy-check: setup
+	$(PY) -m pytest tests/test_deploy.py
