@@ -65,7 +65,7 @@ def test_optional_ensemble_inputs_reach_optional_stage_inputs() -> None:
     models = load_models()
     ensemble = models[contract.ENSEMBLE]
     optional = {t.name for t in ensemble.input if t.optional}
-    assert optional == {contract.RESOLUTION, contract.NETWORK}
+    assert optional == {contract.IMAGE, contract.IMAGE_INT16, contract.RESOLUTION, contract.NETWORK}
     for step in ensemble.ensemble_scheduling.step:
         stage_optional = {t.name for t in models[step.model_name].input if t.optional}
         for key, value in step.input_map.items():
