@@ -166,7 +166,7 @@ class _Run:
     ) -> None:
         self.plan, self.urls, self.options, self.writers = plan, list(urls), options, list(writers)
         self.client_factory, self.on_record = client_factory, on_record
-        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         self.manifest = Manifest(options.output_dir / MANIFEST_NAME)
         self.records: list[Record] = []
         self.lock = threading.Condition()

@@ -349,6 +349,7 @@ class SegmentationClient:
         regions = {"in": (f"{tag}_in", image.nbytes), "out": (f"{tag}_out", int(np.prod(image.shape)))}
         handles: dict[str, shm.SharedMemoryRegion] = {}
         registered: list[str] = []
+        answered = False
         try:
             for role, (region, size) in regions.items():
                 handles[role] = shm.create_shared_memory_region(region, f"/{region}", size)
@@ -359,9 +360,15 @@ class SegmentationClient:
             shm.set_shared_memory_region(handles["in"], [image])  # copies into C order
             image_input.set_shared_memory(*regions["in"])
             output.set_shared_memory(*regions["out"])
-            result = self._client.infer(
-                self.model_name, inputs, outputs=[output], client_timeout=self._remaining(deadline)
-            )
+            try:
+                result = self._client.infer(
+                    self.model_name, inputs, outputs=[output], client_timeout=self._remaining(deadline)
+                )
+            except InferenceServerException as exc:
+                # the server answered (an error) unless the client gave up waiting
+                answered = exc.status() != "StatusCode.DEADLINE_EXCEEDED"
+                raise
+            answered = True
             shape = result.get_output(LABEL_MAP).shape
             view = shm.get_contents_as_numpy(handles["out"], np.uint8, list(shape))
             labels = np.array(view)
@@ -369,7 +376,7 @@ class SegmentationClient:
             return labels
         finally:
             for region in registered:
-                self._release(region)
+                self._release(region, attempts=20 if answered else 1)
             for handle in handles.values():
                 shm.destroy_shared_memory_region(handle)
 
