@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from client.cohort import MANIFEST_NAME, CohortOptions, Record, run_cohort
 from client.inputs import discover
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     def report(record: Record) -> None:
         bar.update(1)
         if record.status == "failed":
-            bar.write(f"error: {record.error}", file=sys.stderr)
+            log.error("error: %s", record.error)
             return
         if args.quiet:
             return
@@ -145,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         counts=True,
     )
     try:
-        summary = run_cohort(plan, urls, options, writers, on_record=report)
+        with logging_redirect_tqdm():
+            summary = run_cohort(plan, urls, options, writers, on_record=report)
+    except KeyboardInterrupt:
+        log.error("interrupted; finished scans are kept: rerun the same command to resume")
+        return 130
     finally:
         bar.close()
     failed = summary.count("failed") + len(found.problems)

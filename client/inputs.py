@@ -131,6 +131,8 @@ class NiftiFormat:
         with self._open(path) as stream:
             try:
                 return stream.read(size)
+            except igzip.BadGzipFile as exc:
+                raise ScanError(f"not a readable NIfTI file (not gzip-compressed: {exc})") from None
             except (EOFError, OSError, ValueError) as exc:
                 raise ScanError(f"truncated or corrupt gzip data ({exc})") from None
 
@@ -184,9 +186,7 @@ def native_array(data: np.ndarray) -> np.ndarray:
         low, high = int(data.min()), int(data.max())
         if -(2**15) <= low and high < 2**15:
             return data.astype(np.int16, order="K")
-    if not np.issubdtype(data.dtype, np.floating) or data.dtype != np.float32:
-        return data.astype(np.float32, order="K")
-    return data
+    return data if data.dtype == np.float32 else data.astype(np.float32, order="K")
 
 
 FORMATS: tuple[ScanFormat, ...] = (NiftiFormat(),)

@@ -7,7 +7,7 @@
 
 Volumes travel through system shared memory when the server is on this host (0.7 s instead of 5-8 s
 for a 512x512x400 CT, and no 2 GiB gRPC message limit), inside gRPC messages otherwise; int16 CTs
-travel as int16 (input `image_int16`) where the server accepts it. Cohorts: `client.cohort`.
+travel as int16 (to the ensemble's twin `wholebody_ct_segmentation_int16`) where the server has it. Cohorts: `client.cohort`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from client.outputs import label_map_image, write_nifti
 from wholebody.contract import (
     AFFINE,
     ENSEMBLE,
+    ENSEMBLE_INT16,
     IMAGE,
     IMAGE_INT16,
     LABEL_MAP,
@@ -49,6 +50,7 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 # Triton's gRPC server and this client accept messages up to INT32_MAX bytes; keep room for the rest.
 GRPC_MESSAGE_LIMIT = 2**31 - 1 - 2**20
 SHM_PREFIX = "wholebody"
+READY_TIMEOUT_S = 30.0  # the readiness check's bound when no timeout is given
 # gRPC status codes after which the same scan may succeed on another server
 RETRYABLE_STATUS = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.UNKNOWN")
 _region_ids = itertools.count()
@@ -202,7 +204,7 @@ class SegmentationClient:
             return None
         left = deadline - time.monotonic()
         if left <= 0:
-            raise SegmentationError(f"timed out after {self.timeout_s:g} s")
+            raise SegmentationError(f"timed out after {self.timeout_s or READY_TIMEOUT_S:g} s")
         return left
 
     def _deadline(self) -> float | None:
@@ -220,9 +222,11 @@ class SegmentationClient:
     def check_ready(self, deadline: float | None = None) -> None:
         """Raise SegmentationError naming the fix when the server or the ensemble is not there.
 
-        Bounded by `timeout_s` (or `deadline`, a time.monotonic() value) like every call.
+        Bounded by `timeout_s` (or `deadline`, a time.monotonic() value), else by READY_TIMEOUT_S: a port
+        that accepts connections but never answers is reported, not waited on.
         """
-        deadline = self._deadline() if deadline is None else deadline
+        if deadline is None:
+            deadline = time.monotonic() + (self.timeout_s if self.timeout_s is not None else READY_TIMEOUT_S)
         try:
             ready = self._client.is_model_ready(self.model_name, client_timeout=self._remaining(deadline))
         except InferenceServerException as exc:
@@ -272,15 +276,17 @@ class SegmentationClient:
         return self._limits
 
     def accepts_int16(self) -> bool:
-        """Whether the server's ensemble has the INT16 input (older servers take FP32 only)."""
+        """Whether the server serves the int16 twin of the ensemble (older servers take FP32 only)."""
         if self._accepts_int16 is None:
-            try:
-                metadata = self._client.get_model_metadata(
-                    self.model_name, client_timeout=self._remaining(self._deadline())
-                )
-            except InferenceServerException as exc:
-                raise self._error(exc) from None
-            self._accepts_int16 = any(t.name == IMAGE_INT16 for t in metadata.inputs)
+            if self.model_name != ENSEMBLE:
+                self._accepts_int16 = False
+            else:
+                try:
+                    self._accepts_int16 = bool(
+                        self._client.is_model_ready(ENSEMBLE_INT16, client_timeout=self._remaining(self._deadline()))
+                    )
+                except InferenceServerException as exc:
+                    raise self._error(exc) from None
         return self._accepts_int16
 
     # --- segmentation ---------------------------------------------------------------------------
@@ -290,8 +296,8 @@ class SegmentationClient:
         """uint8 labels [X, Y, Z] of a [X, Y, Z] CT in HU on its own grid.
 
         Args:
-            image: the CT as nibabel gives it (`img.dataobj[i, j, k]`), any memory layout. int16 is
-                sent as int16 where the server accepts it; any other dtype is sent as float32.
+            image: the CT as nibabel gives it (`img.dataobj[i, j, k]`), any memory layout. int16 goes
+                as int16 to the ensemble's int16 twin where the server has it; any other dtype as float32.
             affine: [4, 4] voxel -> RAS mm (nibabel's `img.affine`).
             resolution: "highres" | "lowres"; None = the server's default.
             network: a network variant (contract.VARIANTS); None = the server's default.
@@ -303,7 +309,7 @@ class SegmentationClient:
         int16 = image.dtype == np.int16 and self.accepts_int16()
         if not int16 and image.dtype != np.float32:
             image = image.astype(np.float32)
-        name, datatype = (IMAGE_INT16, "INT16") if int16 else (IMAGE, "FP32")
+        model, name, datatype = (ENSEMBLE_INT16, IMAGE_INT16, "INT16") if int16 else (self.model_name, IMAGE, "FP32")
         affine = np.ascontiguousarray(affine, dtype=np.float64)
         inputs = [grpcclient.InferInput(AFFINE, list(affine.shape), "FP64")]
         inputs[0].set_data_from_numpy(affine)
@@ -317,22 +323,21 @@ class SegmentationClient:
         output = grpcclient.InferRequestedOutput(LABEL_MAP)
         try:
             if self.use_shared_memory:
-                return self._infer_shared_memory(image, image_input, inputs, output, deadline)
+                return self._infer_shared_memory(model, image, image_input, inputs, output, deadline)
             if image.nbytes > GRPC_MESSAGE_LIMIT:
                 raise SegmentationError(
                     f"{image.nbytes / 2**30:.1f} GiB of {datatype} voxels is above gRPC's 2 GiB message limit; "
                     "run the client on the server's host (shared memory, the default for localhost) or crop the image"
                 )
             image_input.set_data_from_numpy(np.ascontiguousarray(image))
-            result = self._client.infer(
-                self.model_name, inputs, outputs=[output], client_timeout=self._remaining(deadline)
-            )
+            result = self._client.infer(model, inputs, outputs=[output], client_timeout=self._remaining(deadline))
             return result.as_numpy(LABEL_MAP)
         except InferenceServerException as exc:
             raise self._error(exc) from None
 
     def _infer_shared_memory(
         self,
+        model: str,
         image: np.ndarray,
         image_input: grpcclient.InferInput,
         inputs: list[grpcclient.InferInput],
@@ -362,7 +367,7 @@ class SegmentationClient:
             output.set_shared_memory(*regions["out"])
             try:
                 result = self._client.infer(
-                    self.model_name, inputs, outputs=[output], client_timeout=self._remaining(deadline)
+                    model, inputs, outputs=[output], client_timeout=self._remaining(deadline)
                 )
             except InferenceServerException as exc:
                 # the server answered (an error) unless the client gave up waiting
