@@ -225,6 +225,10 @@ class _Run:
                 message = str(exc) if str(exc).startswith(str(item.scan.source)) else f"{item.scan.source}: {exc}"
                 self.settle(item, "failed", error=message)
                 continue
+            except Exception as exc:  # a bug or the machine: this scan fails, the cohort goes on
+                log.exception("reading %s failed", item.scan.source)
+                self.settle(item, "failed", error=f"{item.scan.source}: cannot read it: {type(exc).__name__}: {exc}")
+                continue
             item.read_seconds = time.perf_counter() - start
             self.ready.put(item)
             if not self.live:
@@ -274,6 +278,10 @@ class _Run:
                     return
             self.settle(item, "failed", server=url, error=f"{item.scan.source}: {exc}")
             return
+        except Exception as exc:  # e.g. no memory for a shared-memory region: this scan fails, the rest go on
+            log.exception("segmenting %s on %s failed", item.scan.source, url)
+            self.settle(item, "failed", server=url, error=f"{item.scan.source}: {type(exc).__name__}: {exc}")
+            return
         self.finished.put(_Finished(item, label_map, url, time.perf_counter() - start))
 
     def server_failed(self, client: Segmenter, url: str, exc: SegmentationError) -> None:
@@ -305,10 +313,14 @@ class _Run:
             try:
                 for writer, path in zip(self.writers, item.outputs, strict=True):
                     writer.write(finished.label_map, item.volume, path)
-            except OSError as exc:
+            except Exception as exc:  # disk full, permissions, a writer's bug: this scan fails, the rest go on
+                if not isinstance(exc, OSError):
+                    log.exception("writing the outputs of %s failed", item.scan.source)
+                reason = f"{exc.strerror or exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+                where = getattr(exc, "filename", None) or ", ".join(map(str, item.outputs))
                 self.settle(
                     item, "failed", server=finished.server, seconds=round(finished.seconds, 3),
-                    error=f"{item.scan.source}: cannot write {exc.filename or ''}: {exc.strerror or exc}",
+                    error=f"{item.scan.source}: cannot write {where}: {reason}",
                 )
                 continue
             counts = None

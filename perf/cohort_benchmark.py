@@ -122,9 +122,9 @@ def client_time_rows(repo: Path, ct: Path, work: Path, resolution: str) -> list[
         with before.SegmentationClient(url) as seg:
             measure(
                 f"before ({BEFORE}: nibabel/zlib, float32)",
-                lambda: before.read_ct(ct),
-                lambda image: seg.segment(before.ct_array(image), image.affine, resolution=resolution),
-                lambda labels, image: before.write_label_map(labels, image, work / "before_seg.nii.gz"),
+                lambda: (lambda image: (image, before.ct_array(image)))(before.read_ct(ct)),
+                lambda data: seg.segment(data[1], data[0].affine, resolution=resolution),
+                lambda labels, data: before.write_label_map(labels, data[0], work / "before_seg.nii.gz"),
                 ENSEMBLE,
             )
         with SegmentationClient(url) as seg:

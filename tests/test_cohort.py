@@ -233,3 +233,28 @@ def test_oversize_scans_are_refused_before_their_voxels_are_read(cohort: Path, t
         NiftiFormat.read_volume = original  # type: ignore[method-assign]
     assert summary.count("failed") == 4 and not calls and not read.is_set()
     assert "above the server's limit of 100 (max_input_voxels)" in str(summary.records[0].error)
+
+
+def test_a_failed_write_fails_that_scan_only_and_leaves_no_partial_file(cohort: Path, tmp_path: Path) -> None:
+    scans = discover(good_scans(cohort)).scans
+    out = tmp_path / "out"
+
+    class DiskFullOnce(NiftiLabelMapWriter):
+        def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+            if "s0001" in str(path):
+                from client.outputs import atomic_write
+
+                def half(stream) -> None:  # noqa: ANN001
+                    stream.write(b"partial")
+                    raise OSError(28, "No space left on device")
+
+                atomic_write(path, half)
+            super().write(label_map, volume, path)
+
+    writers = [DiskFullOnce()]
+    plan = plan_outputs(scans, out, writers, "_seg")
+    summary = run_cohort(plan, ["a:1"], CohortOptions(output_dir=out), writers, fake_factory(set(), []))
+    assert summary.count("done") == 3 and summary.count("failed") == 1
+    failed = next(r for r in summary.records if r.status == "failed")
+    assert "s0001/ct.nii.gz: cannot write" in str(failed.error) and "No space left on device" in str(failed.error)
+    assert not (out / "s0001").exists() or not list((out / "s0001").iterdir())
