@@ -67,7 +67,10 @@ def label_map_image(label_map: np.ndarray, like: nib.Nifti1Image | nib.Nifti2Ima
     header.set_data_shape(label_map.shape)
     header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     header["cal_min"], header["cal_max"] = 0, int(label_map.max(initial=0))
-    return type(like)(label_map.astype(np.uint8, copy=False), like.affine, header)
+    # NIfTI stores voxels in Fortran order: given a Fortran-ordered array nibabel writes it as it is
+    # (0.2 s for 512x512x397) instead of transposing it chunk by chunk (1.8 s)
+    data = np.asfortranarray(label_map.astype(np.uint8, copy=False))
+    return type(like)(data, like.affine, header)
 
 
 def write_nifti(image: nib.Nifti1Image | nib.Nifti2Image, path: Path, compress: bool | None = None) -> None:

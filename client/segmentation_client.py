@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 # Triton's gRPC server and this client accept messages up to INT32_MAX bytes; keep room for the rest.
 GRPC_MESSAGE_LIMIT = 2**31 - 1 - 2**20
-SHM_PREFIX = "wholebody"
+SHM_PREFIX = "wholebody_client"  # region names: wholebody_client_<pid>_<n>_in|out
 READY_TIMEOUT_S = 30.0  # the readiness check's bound when no timeout is given
 # gRPC status codes after which the same scan may succeed on another server
 RETRYABLE_STATUS = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.UNKNOWN")
@@ -293,7 +293,7 @@ class SegmentationClient:
     def segment(
         self, image: np.ndarray, affine: np.ndarray, resolution: str | None = None, network: str | None = None
     ) -> np.ndarray:
-        """uint8 labels [X, Y, Z] of a [X, Y, Z] CT in HU on its own grid.
+        """uint8 labels [X, Y, Z] of a [X, Y, Z] CT in HU on its own grid (any memory layout).
 
         Args:
             image: the CT as nibabel gives it (`img.dataobj[i, j, k]`), any memory layout. int16 goes
@@ -376,7 +376,7 @@ class SegmentationClient:
             answered = True
             shape = result.get_output(LABEL_MAP).shape
             view = shm.get_contents_as_numpy(handles["out"], np.uint8, list(shape))
-            labels = np.array(view)
+            labels = np.array(view, order="F")  # the copy NIfTI writing wants (client.outputs)
             del view
             return labels
         finally:

@@ -52,17 +52,18 @@ def server_seconds(url: str, model: str) -> float:
     return int(stats["model_stats"][0]["inference_stats"]["success"].get("ns", 0)) / 1e9
 
 
-def old_client() -> ModuleType:
-    """The client module as it was at BEFORE, imported from git under another name."""
+def old_client(work: Path) -> ModuleType:
+    """The client module as it was at BEFORE, imported from git under another name (file in `work`)."""
     source = subprocess.run(
         ["git", "show", f"{BEFORE}:client/segmentation_client.py"],
         cwd=REPO_ROOT, check=True, capture_output=True, text=True,
     ).stdout
-    path = Path(tempfile.mkdtemp(prefix="client-before-")) / "segmentation_client_before.py"
+    path = work / "segmentation_client_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("segmentation_client_before", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -103,7 +104,7 @@ def cohort_rows(repo: Path, scans_dir: Path, out_root: Path, resolution: str) ->
 
 
 def client_time_rows(repo: Path, ct: Path, work: Path, resolution: str) -> list[dict[str, Any]]:
-    before = old_client()
+    before = old_client(work)
     rows = []
     with LocalTritonServer(model_repository=repo) as server:
         url = server.grpc_url

@@ -23,6 +23,7 @@ from client.__main__ import main as client_main
 from client.cohort import MANIFEST_NAME, CohortOptions, Record, read_manifest, run_cohort
 from client.inputs import discover
 from client.outputs import NiftiLabelMapWriter, plan_outputs
+from client.segmentation_client import SHM_PREFIX
 from wholebody.contract import AFFINE, ENSEMBLE, IMAGE, IMAGE_INT16, LABEL_MAP, PREPROCESS, REPO_ROOT
 from wholebody.sample_data import synthetic_ct
 from wholebody.triton_server import LocalTritonServer
@@ -49,7 +50,7 @@ def ensemble_requests(url: str) -> int:
 
 def our_regions(server: LocalTritonServer) -> tuple[list[str], list[str]]:
     """Shared-memory regions of this process registered on the server, and left in /dev/shm."""
-    prefix = f"wholebody_{os.getpid()}_"
+    prefix = f"{SHM_PREFIX}_{os.getpid()}_"
     status = grpcclient.InferenceServerClient(server.grpc_url).get_system_shared_memory_status(as_json=True)
     registered = [name for name in status.get("regions", {}) if name.startswith(prefix)]
     return registered, [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
