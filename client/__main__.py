@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="limit per scan's request, connecting included (default: none); a scan over it fails as "
         "'timed out' and the run goes on",
     )
-    parser.add_argument("--retries", type=int, default=2, help="tries on other servers when a server fails (default: 2)")
+    parser.add_argument(
+        "--retries", type=int, default=2, help="tries on other servers when a server fails (default: 2)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping them")
     parser.add_argument("--summary", action="store_true", help="print the voxel count of every structure found")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors and the closing summary")

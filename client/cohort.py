@@ -51,7 +51,9 @@ class Segmenter(Protocol):
 
     def limits(self) -> ServerLimits: ...
 
-    def segment_volume(self, volume: Volume, resolution: str | None = None, network: str | None = None) -> np.ndarray: ...
+    def segment_volume(
+        self, volume: Volume, resolution: str | None = None, network: str | None = None
+    ) -> np.ndarray: ...
 
     def close(self) -> None: ...
 
@@ -106,7 +108,11 @@ class CohortSummary:
 
     def line(self) -> str:
         done = self.count("done")
-        per_scan = f"{self.wall_seconds / done:.1f} s per scan, {self.scans_per_minute:.2f} scans per minute" if done else "no scan segmented"
+        per_scan = (
+            f"{self.wall_seconds / done:.1f} s per scan, {self.scans_per_minute:.2f} scans per minute"
+            if done
+            else "no scan segmented"
+        )
         return (
             f"{done} done, {self.count('skipped')} skipped, {self.count('failed')} failed in "
             f"{self.wall_seconds:.1f} s: {per_scan}"

@@ -150,7 +150,8 @@ class NiftiFormat:
             shape = shape[:-1]
         if len(shape) != 3:
             raise ScanError(f"expected a 3-D CT volume, got shape {list(header.get_data_shape())}")
-        return Header(shape=shape, affine=np.asarray(header.get_best_affine(), dtype=np.float64))  # type: ignore[arg-type]
+        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+        return Header(shape=shape, affine=affine)  # type: ignore[arg-type]
 
     def read_header(self, path: Path) -> Header:
         return self._geometry(self._parse_header(self._read(path, 540)))
@@ -159,7 +160,8 @@ class NiftiFormat:
         raw = self._read(path)
         header = self._parse_header(raw[:540])
         geometry = self._geometry(header)
-        needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        voxels = int(np.prod(header.get_data_shape()))
+        needed = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
         if len(raw) < needed:
             raise ScanError(f"truncated: {len(raw):,} bytes of image data where the header needs {needed:,}")
         klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
@@ -305,6 +307,7 @@ def discover(
         real = Path(os.path.realpath(source))
         if real in scans:
             continue
-        parent = source.parent.relative_to(common) if source.parent != common and common in source.parents else PurePath()
+        below = source.parent != common and common in source.parents
+        parent = source.parent.relative_to(common) if below else PurePath()
         scans[real] = Scan(source=source, relative=PurePath(parent, fmt.stem(source)), format=fmt)
     return Discovery(sorted(scans.values(), key=lambda s: str(s.relative)), problems)

@@ -7,7 +7,8 @@
 
 Volumes travel through system shared memory when the server is on this host (0.7 s instead of 5-8 s
 for a 512x512x400 CT, and no 2 GiB gRPC message limit), inside gRPC messages otherwise; int16 CTs
-travel as int16 (to the ensemble's twin `wholebody_ct_segmentation_int16`) where the server has it. Cohorts: `client.cohort`.
+travel as int16 (to the ensemble's twin `wholebody_ct_segmentation_int16`) where the server has it.
+Cohorts: `client.cohort`.
 """
 
 from __future__ import annotations
@@ -214,7 +215,9 @@ class SegmentationClient:
         status = exc.status() or ""
         message = re.sub(r"^in ensemble '[^']*', ", "", exc.message() or str(exc))
         if status == "StatusCode.DEADLINE_EXCEEDED":
-            return SegmentationError(f"timed out after {self.timeout_s:g} s (the server at {self.url} may still be busy)")
+            return SegmentationError(
+                f"timed out after {self.timeout_s:g} s (the server at {self.url} may still be busy)"
+            )
         if status in RETRYABLE_STATUS or "stub process" in message.lower():
             return SegmentationError(f"server {self.url} failed: {message}", retryable=True)
         return SegmentationError(message)

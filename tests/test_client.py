@@ -159,7 +159,8 @@ def test_readme_http_and_curl_examples_equal_grpc(server: LocalTritonServer, tmp
     image = nib.load(ct)
     with SegmentationClient(server.grpc_url) as seg:
         expected = seg.segment(np.asarray(image.dataobj), image.affine, resolution="lowres")
-    code = _readme_block("http-example").replace("localhost:8000", server.http_url).replace('"ct.nii.gz"', repr(str(ct)))
+    code = _readme_block("http-example").replace("localhost:8000", server.http_url)
+    code = code.replace('"ct.nii.gz"', repr(str(ct)))
     namespace: dict[str, object] = {}
     exec(compile(code, "README.md http-example", "exec"), namespace)  # noqa: S102
     assert np.array_equal(namespace["labels"], expected)
@@ -170,7 +171,9 @@ def test_readme_http_and_curl_examples_equal_grpc(server: LocalTritonServer, tmp
     script = _readme_block("curl-example").replace("localhost:8000", server.http_url)
     subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, check=True, timeout=300)
     headers = (tmp_path / "response.headers").read_text()
-    length = int(re.search(r"(?i)inference-header-content-length:\s*(\d+)", headers).group(1))  # type: ignore[union-attr]
+    match = re.search(r"(?i)inference-header-content-length:\s*(\d+)", headers)
+    assert match is not None
+    length = int(match.group(1))
     body = (tmp_path / "response.bin").read_bytes()
     assert json.loads(body[:length])["outputs"][0]["name"] == LABEL_MAP
     assert np.array_equal(np.frombuffer(body[length:], np.uint8).reshape(image.shape), expected)
