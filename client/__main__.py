@@ -1,52 +1,44 @@
-"""python -m client: segment CT scans (NIfTI) on a Triton server and write their label maps."""
+"""python -m client: segment CT scans (NIfTI) on one or several Triton servers and write their label maps."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from client.segmentation_client import (
-    SegmentationClient,
-    SegmentationError,
-    is_nifti,
-    output_path_for,
-)
+from client.cohort import MANIFEST_NAME, CohortOptions, Record, run_cohort
+from client.inputs import discover
+from client.outputs import NiftiLabelMapWriter, OutputError, check_output_dir, plan_outputs
+from client.segmentation_client import SegmentationClient, SegmentationError
 from wholebody.contract import RESOLUTIONS, VARIANTS
 
 log = logging.getLogger("client")
 
-EPILOG = """\
+EPILOG = f"""\
 examples:
   python -m client ct.nii.gz                      # -> ./ct_seg.nii.gz, server on localhost:8001
-  python -m client scans/ -o labels/ --resolution lowres
-  python -m client ct.nii.gz -u gpu-box:8001 --network trt_fp16 --summary
+  python -m client cohort/ -o labels/ --resolution lowres
+        # cohort/s0001/ct.nii.gz -> labels/s0001/ct_seg.nii.gz, ...
+  python -m client cohort/ -o labels/ -u gpu1:8001 -u gpu2:8001 --jobs 2
+        # spread over two servers, two requests in flight on each
 
-The output has the input's grid, affine and header, uint8 voxels: 0 = background,
-1..104 = the structures named by the server (see --summary). Each file is written under a
-temporary name and renamed when complete, so a failed run never leaves a partial file.
-Exit status: 0 if every file was segmented, 1 if any failed (the others still run), 2 on usage errors.
+Inputs: .nii/.nii.gz files (any letter case) and folders, searched recursively. A file that cannot
+be read as a 3-D CT gets one line naming it and the reason; the others go on.
+Outputs mirror the inputs' folders below their common folder, under -o, so two scans never share
+an output; each file is written under a temporary name and renamed when complete. The label map
+has the input's grid, affine and header, uint8 voxels: 0 = background, 1..104 = the structures
+named by the server (see --summary).
+Resume: rerunning the same command skips scans whose outputs exist (--overwrite replaces them).
+Every scan's outcome is appended to -o/{MANIFEST_NAME} (JSON lines: input, outputs, status
+done/skipped/failed, server, seconds, error).
+Exit status: 0 if every scan was segmented or skipped, 1 if any failed (the others still run),
+2 on usage errors (bad -o, two scans with one output), found before any request.
 """
-
-
-def collect_inputs(paths: list[Path]) -> tuple[list[Path], list[str]]:
-    """Expand folders to their NIfTI files; report paths that are neither."""
-    files: list[Path] = []
-    problems: list[str] = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
-            if not found:
-                problems.append(f"{path}: folder has no .nii or .nii.gz files")
-            files += found
-        elif path.exists() or is_nifti(path):
-            files.append(path)
-        else:
-            problems.append(f"{path}: no such file or folder")
-    return files, problems
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", type=Path, help="NIfTI CT files (.nii/.nii.gz) or folders of them")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="where label maps go (default: .)")
     parser.add_argument("--suffix", default="_seg", help="added to the input's name for the output (default: _seg)")
-    parser.add_argument("-u", "--url", default="localhost:8001", help="Triton gRPC endpoint (default: localhost:8001)")
+    parser.add_argument(
+        "-u", "--url", action="append", dest="urls", metavar="HOST:PORT",
+        help="Triton gRPC endpoint; repeat to spread the scans over several servers (default: localhost:8001)",
+    )
+    parser.add_argument(
+        "-j", "--jobs", type=int, default=1,
+        help="requests in flight per server (default: 1; 2 keeps a server busy while the client reads and writes)",
+    )
     parser.add_argument(
         "--resolution",
         choices=sorted(RESOLUTIONS),
@@ -75,51 +74,94 @@ def build_parser() -> argparse.ArgumentParser:
         help="send volumes inside gRPC messages even when the server is on this host "
         "(shared memory is used automatically for localhost/127.0.0.1)",
     )
-    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait per scan (default: no limit)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS",
+        help="limit per scan's request, connecting included (default: none); a scan over it fails as "
+        "'timed out' and the run goes on",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=2, help="tries on other servers when a server fails (default: 2)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping them")
     parser.add_argument("--summary", action="store_true", help="print the voxel count of every structure found")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors and the closing summary")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
-    files, problems = collect_inputs(args.inputs)
-    for problem in problems:
+    if args.jobs < 1 or args.retries < 0 or (args.timeout is not None and args.timeout <= 0):
+        parser.error("--jobs must be >= 1, --retries >= 0 and --timeout > 0")
+    urls = list(dict.fromkeys(args.urls or ["localhost:8001"]))
+    writers = [NiftiLabelMapWriter()]
+    try:
+        check_output_dir(args.output_dir)
+        found = discover(args.inputs, exclude=[args.output_dir])
+        plan = plan_outputs(found.scans, args.output_dir, writers, args.suffix)
+    except OutputError as exc:
+        log.error("error: %s", exc)
+        return 2
+    for problem in found.problems:
         log.error("error: %s", problem)
-    if not files:
+    if not plan:
         return 1
-    failures = len(problems)
-    with SegmentationClient(args.url, use_shared_memory=args.shared_memory, timeout_s=args.timeout) as seg:
+
+    label_names: list[str] | None = None
+    if args.summary:
         try:
-            seg.check_ready()
-            label_names = seg.label_names()
+            with SegmentationClient(urls[0], timeout_s=args.timeout) as seg:
+                label_names = seg.label_names()
         except SegmentationError as exc:
             log.error("error: %s", exc)
-            return 1
-        bar = tqdm(files, unit="scan", disable=args.quiet or len(files) < 2, file=sys.stderr)
-        for path in bar:
-            bar.set_postfix_str(path.name)
-            out = output_path_for(path, args.output_dir, args.suffix)
-            if out.exists() and not args.overwrite:
-                log.error("error: %s exists; pass --overwrite to replace it", out)
-                failures += 1
-                continue
-            try:
-                result = seg.segment_file(path, out, resolution=args.resolution, network=args.network)
-            except SegmentationError as exc:
-                log.error("error: %s", exc if str(exc).startswith(str(path)) else f"{path}: {exc}")
-                failures += 1
-                continue
-            counts = result.voxel_counts(label_names)
-            tqdm.write(f"{path} -> {out} ({len(counts)} structures)", file=sys.stdout)
-            if args.summary:
-                for name, count in counts.items():
-                    tqdm.write(f"  {name:<32} {count:>10,} voxels", file=sys.stdout)
-    if failures:
-        log.error("%d of %d inputs failed", failures, len(files) + len(problems))
-    return 1 if failures else 0
+
+    bar = tqdm(total=len(plan), unit="scan", disable=args.quiet or len(plan) < 2, file=sys.stderr)
+
+    def report(record: Record) -> None:
+        bar.update(1)
+        if record.status == "failed":
+            log.error("error: %s", record.error)
+            return
+        if args.quiet:
+            return
+        outputs = ", ".join(os.path.relpath(p) if not os.path.isabs(p) else p for p in record.outputs)
+        if record.status == "skipped":
+            bar.write(f"{record.input}: skipped, {outputs} exists (--overwrite replaces it)", file=sys.stdout)
+            return
+        counts = record.label_counts or {}
+        bar.write(f"{record.input} -> {outputs} ({len(counts)} structures, {record.server})", file=sys.stdout)
+        if label_names is not None:
+            for label, count in sorted(counts.items()):
+                name = label_names[label] if label < len(label_names) else str(label)
+                bar.write(f"  {name:<32} {count:>10,} voxels", file=sys.stdout)
+
+    options = CohortOptions(
+        output_dir=args.output_dir,
+        resolution=args.resolution,
+        network=args.network,
+        overwrite=args.overwrite,
+        jobs=args.jobs,
+        timeout_s=args.timeout,
+        use_shared_memory=args.shared_memory,
+        max_attempts=1 + args.retries,
+        counts=True,
+    )
+    try:
+        with logging_redirect_tqdm():
+            summary = run_cohort(plan, urls, options, writers, on_record=report)
+    except KeyboardInterrupt:
+        log.error("interrupted; finished scans are kept: rerun the same command to resume")
+        return 130
+    finally:
+        bar.close()
+    failed = summary.count("failed") + len(found.problems)
+    print(
+        f"{summary.line()}{f'; {len(found.problems)} inputs not scans' if found.problems else ''}; "
+        f"manifest: {args.output_dir / MANIFEST_NAME}",
+        file=sys.stdout,
+    )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

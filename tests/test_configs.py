@@ -73,6 +73,23 @@ def test_optional_ensemble_inputs_reach_optional_stage_inputs() -> None:
                 assert key in stage_optional, f"{step.model_name}.{key} must be optional"
 
 
+def test_int16_ensemble_is_the_ensemble_with_an_int16_image() -> None:
+    models = load_models()
+    main, twin = models[contract.ENSEMBLE], models[contract.ENSEMBLE_INT16]
+    expected = model_config_pb2.ModelConfig()
+    expected.CopyFrom(main)
+    expected.name = contract.ENSEMBLE_INT16
+    expected.ClearField("parameters")  # label names and layout notes live in the main ensemble only
+    image = next(t for t in expected.input if t.name == contract.IMAGE)
+    image.name, image.data_type = contract.IMAGE_INT16, model_config_pb2.TYPE_INT16
+    step = expected.ensemble_scheduling.step[0]
+    assert step.model_name == contract.PREPROCESS and step.input_map.pop(contract.IMAGE) == contract.IMAGE
+    step.input_map[contract.IMAGE_INT16] = contract.IMAGE_INT16
+    assert twin == expected
+    preprocess = {t.name: t for t in models[contract.PREPROCESS].input}
+    assert preprocess[contract.IMAGE].optional and preprocess[contract.IMAGE_INT16].optional
+
+
 def test_contract_names_match_configs() -> None:
     models = load_models()
     ensemble = models[contract.ENSEMBLE]

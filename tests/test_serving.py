@@ -141,15 +141,15 @@ def test_cli_segments_a_folder_and_skips_bad_files(
     with caplog.at_level(logging.ERROR):
         code = client_main([str(scans), "-o", str(out), "-u", server.grpc_url, "--resolution", "lowres", "-q"])
     assert code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["good_a_seg.nii.gz", "good_b_seg.nii"]
+    assert sorted(p.name for p in out.glob("*.nii*")) == ["good_a_seg.nii.gz", "good_b_seg.nii"]
     errors = "\n".join(r.getMessage() for r in caplog.records)
     assert "garbage.nii.gz: not a readable NIfTI file" in errors
     assert "flat.nii.gz: expected a 3-D CT volume" in errors
     assert "nan.nii.gz: image has 1,000 NaN or infinite voxels" in errors
     labels = nib.load(out / "good_a_seg.nii.gz")
     assert labels.get_data_dtype() == np.uint8 and labels.shape == (40, 36, 30)
-    # an existing output is kept unless --overwrite
-    assert client_main([str(scans / "good_a.nii.gz"), "-o", str(out), "-u", server.grpc_url, "-q"]) == 1
+    # an existing output is kept (the scan is skipped: success) unless --overwrite
+    assert client_main([str(scans / "good_a.nii.gz"), "-o", str(out), "-u", server.grpc_url, "-q"]) == 0
 
 
 def test_cli_names_the_fix_when_no_server_answers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -16,6 +16,8 @@ MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 # --- the public entry point ------------------------------------------------------------------
 ENSEMBLE = "wholebody_ct_segmentation"
 IMAGE = "image"  # FP32 [-1, -1, -1]: the CT in HU, in the input file's own voxel order
+ENSEMBLE_INT16 = "wholebody_ct_segmentation_int16"  # the same, taking IMAGE_INT16 instead of IMAGE
+IMAGE_INT16 = "image_int16"  # INT16 [-1, -1, -1]: the CT as stored (int16 HU), ENSEMBLE_INT16's image
 AFFINE = "affine"  # FP64 [4, 4]: voxel -> RAS world (mm), as nibabel's `img.affine`
 RESOLUTION = "resolution"  # BYTES [1], optional: "highres" or "lowres"
 NETWORK = "network"  # BYTES [1], optional: a network variant, e.g. "torch_fp32" or "trt_fp16"

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import triton_python_backend_utils as pb_utils
 
 from wholebody.contract import (
     AFFINE,
     IMAGE,
+    IMAGE_INT16,
     NORMALIZED_IMAGE,
     ORIENTED_AFFINE,
     ORIENTED_SHAPE,
@@ -29,6 +31,17 @@ from wholebody.triton_python import (
 )
 
 
+def ct_image(request: Any, device: torch.device) -> torch.Tensor:
+    """The request's CT as float32: `image` (FP32) or `image_int16` (INT16, cast exactly), exactly one."""
+    given = [name for name in (IMAGE, IMAGE_INT16) if pb_utils.get_input_tensor_by_name(request, name) is not None]
+    if len(given) != 1:
+        raise InvalidVolumeError(
+            f"send exactly one of the inputs {IMAGE!r} (FP32) and {IMAGE_INT16!r} (INT16), got {len(given)}"
+        )
+    # int16 -> float32 is exact: the same voxels as the bundle's LoadImage gives from an int16 file
+    return input_tensor(request, given[0], device).to(torch.float32)
+
+
 class TritonPythonModel(PythonModel):
     def configure(self, args: dict[str, str]) -> None:
         self.default_resolution = choice_parameter(self.params, "default_resolution", sorted(RESOLUTIONS))
@@ -40,7 +53,7 @@ class TritonPythonModel(PythonModel):
         resolution = optional_string(request, RESOLUTION, self.default_resolution)
         if resolution not in RESOLUTIONS:
             raise InvalidVolumeError(f"unknown resolution {resolution!r}; choose one of {sorted(RESOLUTIONS)}")
-        image = input_tensor(request, IMAGE, self.device)
+        image = ct_image(request, self.device)
         affine = input_tensor(request, AFFINE, torch.device("cpu")).to(torch.float64)
         check_volume(image, affine, self.max_input_voxels)
         pixdim = RESOLUTIONS[resolution].pixdim
