@@ -1,4 +1,7 @@
-"""Triton stage 1: the bundle's preprocessing (RAS, spacing, intensity normalisation)."""
+"""Triton stage 1: the bundle's preprocessing (RAS, spacing, intensity normalisation).
+
+Refuses before any work: an unknown resolution or network, a network that is not loaded, a volume over
+the size limits (from its shape), then a bad volume (check_volume)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 from wholebody.contract import (
     AFFINE,
     IMAGE,
+    NETWORK,
     NORMALIZED_IMAGE,
     ORIENTED_AFFINE,
     ORIENTED_SHAPE,
@@ -16,7 +20,11 @@ from wholebody.contract import (
     RESOLUTION,
     RESOLUTIONS,
     RESOLVED_RESOLUTION,
+    VARIANTS,
+    network_model_name,
 )
+import triton_python_backend_utils as pb_utils
+
 from wholebody.preprocessing import InvalidVolumeError, check_volume, estimated_resampled_voxels, preprocess
 from wholebody.triton_python import (
     PythonModel,
@@ -24,31 +32,46 @@ from wholebody.triton_python import (
     input_tensor,
     optional_string,
     output_tensor,
-    required_parameter,
     string_tensor,
 )
+from wholebody.validation import InvalidRequestError
 
 
 class TritonPythonModel(PythonModel):
     def configure(self, args: dict[str, str]) -> None:
         self.default_resolution = choice_parameter(self.params, "default_resolution", sorted(RESOLUTIONS))
-        self.max_input_voxels = int(required_parameter(self.params, "max_input_voxels"))
-        self.max_resampled_voxels = int(required_parameter(self.params, "max_resampled_voxels"))
-        self.resample_dtype = getattr(torch, required_parameter(self.params, "resample_dtype"))
+        self.resample_dtype = getattr(torch, choice_parameter(self.params, "resample_dtype", ("float64", "float32")))
+
+    def check_network(self, request: Any, resolution: str) -> None:
+        """Refuse a named network that is unknown or not loaded, before any preprocessing."""
+        variant = optional_string(request, NETWORK, "")
+        if not variant:
+            return  # sliding_window's default_network
+        if variant not in VARIANTS:
+            raise InvalidRequestError(f"unknown network {variant!r}; choose one of {list(VARIANTS)}")
+        if not pb_utils.is_model_ready(network_model_name(resolution, variant)):
+            loaded = [v for v in VARIANTS if pb_utils.is_model_ready(network_model_name(resolution, v))]
+            raise InvalidRequestError(
+                f"network {variant!r} ({network_model_name(resolution, variant)}) is not loaded on this server; "
+                f"loaded for {resolution}: {loaded}"
+            )
 
     def handle(self, request: Any) -> list[Any]:
         resolution = optional_string(request, RESOLUTION, self.default_resolution)
         if resolution not in RESOLUTIONS:
             raise InvalidVolumeError(f"unknown resolution {resolution!r}; choose one of {sorted(RESOLUTIONS)}")
+        self.check_network(request, resolution)
+        self.limits.check_input(pb_utils.get_input_tensor_by_name(request, IMAGE).shape())
         image = input_tensor(request, IMAGE, self.device)
         affine = input_tensor(request, AFFINE, torch.device("cpu")).to(torch.float64)
-        check_volume(image, affine, self.max_input_voxels)
+        check_volume(image, affine, self.limits.max_input_voxels)
         pixdim = RESOLUTIONS[resolution].pixdim
         resampled = estimated_resampled_voxels(image.shape, affine.numpy(), pixdim)
-        if resampled > self.max_resampled_voxels:
+        if resampled > self.limits.max_resampled_voxels:
             raise InvalidVolumeError(
                 f"at {pixdim[0]} mm the image would have {resampled:,} voxels, above this server's limit of "
-                f"{self.max_resampled_voxels:,}; use resolution 'lowres', crop the image, or raise max_resampled_voxels"
+                f"{self.limits.max_resampled_voxels:,}; use resolution 'lowres', crop the image, or raise the "
+                "ensemble's max_resampled_voxels"
             )
         result = preprocess(image, affine, pixdim, resample_dtype=self.resample_dtype)
         return [
