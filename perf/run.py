@@ -107,10 +107,10 @@ def server_info(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
 
 def known_model_names() -> list[str]:
     """Every model the repository can hold: the repository index is an operator-only call (locked server)."""
-    from wholebody.contract import ENSEMBLE, POSTPROCESS, PREPROCESS, RESOLUTIONS, SLIDING_WINDOW, VARIANTS, network_model_name
+    from wholebody import contract as c
 
-    networks = [network_model_name(r, v) for r in RESOLUTIONS for v in VARIANTS]
-    return [ENSEMBLE, PREPROCESS, SLIDING_WINDOW, POSTPROCESS, *networks]
+    networks = [c.network_model_name(r, v) for r in c.RESOLUTIONS for v in c.VARIANTS]
+    return [c.ENSEMBLE, c.PREPROCESS, c.SLIDING_WINDOW, c.POSTPROCESS, *networks]
 
 
 # --- memory ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,6 +235,19 @@ def test_a_killed_stub_is_reported_then_healed_within_60_s(pipeline_server: Loca
     client = grpcclient.InferenceServerClient(server.grpc_url)
     assert health.main(["-u", server.grpc_url, "--timeout", "60"]) == 0
     assert capsys.readouterr().out.startswith("healthy: lowres/torch_fp32")
+    # busy with a long CT (8 windows) is not dead: the check waits behind it or sees windows computed
+    busy = np.full((120, 120, 120), -1000.0, np.float32)
+    long_request = threading.Thread(
+        target=lambda: grpcclient.InferenceServerClient(server.grpc_url).infer(
+            ENSEMBLE, ensemble_inputs(grpcclient, busy, resolution="lowres")
+        )
+    )
+    long_request.start()
+    time.sleep(1)
+    assert health.main(["-u", server.grpc_url, "--timeout", "8"]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("healthy")
+    long_request.join(timeout=300)
+    assert not long_request.is_alive()
 
     os.kill(_stub_of(server, NETWORK_MODEL), signal.SIGKILL)  # what the OOM killer does
     time.sleep(0.5)

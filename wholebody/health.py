@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,13 +58,14 @@ class Probe:
     variant: str
 
 
-def plan(client: object, timeout_s: float) -> list[Probe]:
+def plan(client: Any, timeout_s: float) -> list[Probe]:
     """One probe per resolution that has a loaded network (the sliding window's default if loaded)."""
-    config = client.get_model_config(SLIDING_WINDOW, as_json=True, client_timeout=timeout_s)["config"]  # type: ignore[attr-defined]
+    config = client.get_model_config(SLIDING_WINDOW, as_json=True, client_timeout=timeout_s)["config"]
     default = config.get("parameters", {}).get("default_network", {}).get("string_value", "")
     probes = []
     for resolution in RESOLUTIONS:
-        loaded = [v for v in VARIANTS if client.is_model_ready(network_model_name(resolution, v), client_timeout=timeout_s)]  # type: ignore[attr-defined]
+        names = {v: network_model_name(resolution, v) for v in VARIANTS}
+        loaded = [v for v, name in names.items() if client.is_model_ready(name, client_timeout=timeout_s)]
         if loaded:
             probes.append(Probe(resolution, default if default in loaded else loaded[0]))
     if not probes:
@@ -71,11 +73,11 @@ def plan(client: object, timeout_s: float) -> list[Probe]:
     return probes
 
 
-def windows_computed(client: object, probes: list[Probe], timeout_s: float) -> int:
+def windows_computed(client: Any, probes: list[Probe], timeout_s: float) -> int:
     """Successful executions of the probed network models so far (Triton's statistics)."""
     total = 0
     for probe in probes:
-        stats = client.get_inference_statistics(  # type: ignore[attr-defined]
+        stats = client.get_inference_statistics(
             network_model_name(probe.resolution, probe.variant), as_json=True, client_timeout=timeout_s
         )
         for model in stats.get("model_stats", []):
@@ -109,7 +111,10 @@ def check(url: str, timeout_s: float) -> str:
         probes = plan(client, left())
         before = windows_computed(client, probes, left())
         for probe in probes:
-            inputs = [grpcclient.InferInput(IMAGE, list(image.shape), "FP32"), grpcclient.InferInput(AFFINE, [4, 4], "FP64")]
+            inputs = [
+                grpcclient.InferInput(IMAGE, list(image.shape), "FP32"),
+                grpcclient.InferInput(AFFINE, [4, 4], "FP64"),
+            ]
             inputs[0].set_data_from_numpy(image)
             inputs[1].set_data_from_numpy(affine)
             for name, value in ((RESOLUTION, probe.resolution), (NETWORK, probe.variant)):
@@ -118,20 +123,23 @@ def check(url: str, timeout_s: float) -> str:
                 inputs.append(tensor)
             t0 = time.monotonic()
             labels = client.infer(ENSEMBLE, inputs, client_timeout=left()).as_numpy(LABEL_MAP)
-            if labels is None or labels.shape != image.shape or labels.dtype != np.uint8 or int(labels.max()) >= NUM_CLASSES:
+            wrong = labels is None or labels.shape != image.shape or labels.dtype != np.uint8
+            if wrong or int(labels.max()) >= NUM_CLASSES:
                 raise Unhealthy(f"{probe.resolution}/{probe.variant}: wrong label map returned")
             done.append(f"{probe.resolution}/{probe.variant} {time.monotonic() - t0:.1f} s")
     except (TimeoutError, InferenceServerException) as exc:
-        timed_out = isinstance(exc, TimeoutError) or "Deadline" in str(exc.status() if hasattr(exc, "status") else "")
-        if not timed_out:
-            raise Unhealthy(exc.message() if isinstance(exc, InferenceServerException) else str(exc)) from None
+        if isinstance(exc, InferenceServerException) and "DEADLINE_EXCEEDED" not in str(exc.status()):
+            raise Unhealthy(exc.message() or str(exc)) from None
         if before is not None and probes:
             try:
                 after = windows_computed(client, probes, 5.0)
             except InferenceServerException:
                 after = before
             if after > before:
-                return f"healthy (busy): no answer within {timeout_s:g} s, but {after - before} network batches computed meanwhile"
+                return (
+                    f"healthy (busy): no answer within {timeout_s:g} s, "
+                    f"but {after - before} network batches computed meanwhile"
+                )
         raise Unhealthy(f"no answer within {timeout_s:g} s and no network work done meanwhile") from None
     finally:
         client.close()

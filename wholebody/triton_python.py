@@ -148,9 +148,8 @@ def respond_each(
             responses.append(invalid_argument(str(exc)))
         except Exception as exc:  # reported to the client, traceback to the server log
             logger.exception("request failed")
-            responses.append(
-                internal_error(f"internal error in {logger.name.removeprefix('wholebody.')}: {type(exc).__name__}: {exc}")
-            )
+            where = logger.name.removeprefix("wholebody.")
+            responses.append(internal_error(f"internal error in {where}: {type(exc).__name__}: {exc}"))
     return responses
 
 
@@ -261,9 +260,8 @@ class TorchNetworkModel(PythonModel):
         shape = list(tensor.shape())
         expected = [IN_CHANNELS, *ROI_SIZE]
         if len(shape) != 5 or shape[1:] != expected or not 1 <= shape[0] <= max(self.max_batch_size, 1):
-            raise InvalidRequestError(
-                f"{WINDOW} must be [B, {', '.join(map(str, expected))}] with 1 <= B <= {self.max_batch_size}, got {shape}"
-            )
+            dims = ", ".join(map(str, expected))
+            raise InvalidRequestError(f"{WINDOW} must be [B, {dims}] with 1 <= B <= {self.max_batch_size}, got {shape}")
         return input_tensor(request, WINDOW, self.device)
 
     def finalize(self) -> None:

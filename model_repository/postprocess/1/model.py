@@ -21,8 +21,10 @@ class TritonPythonModel(PythonModel):
         cpu = torch.device("cpu")
         oriented_shape = input_tensor(request, ORIENTED_SHAPE, cpu).tolist()
         self.limits.check_input(oriented_shape, ORIENTED_SHAPE)
-        affines = [check_affine(input_tensor(request, n, cpu).numpy(), n) for n in (RESAMPLED_AFFINE, ORIENTED_AFFINE, AFFINE)]
-        self.limits.check_resampled(pb_utils.get_input_tensor_by_name(request, RESAMPLED_LABEL_MAP).shape(), RESAMPLED_LABEL_MAP)
+        names = (RESAMPLED_AFFINE, ORIENTED_AFFINE, AFFINE)
+        affines = [check_affine(input_tensor(request, name, cpu).numpy(), name) for name in names]
+        resampled = pb_utils.get_input_tensor_by_name(request, RESAMPLED_LABEL_MAP)
+        self.limits.check_resampled(resampled.shape(), RESAMPLED_LABEL_MAP)
         label_map = input_tensor(request, RESAMPLED_LABEL_MAP, self.device)
         label_map = invert_to_input_grid(label_map, affines[0], affines[1], oriented_shape, affines[2])
         return [output_tensor(LABEL_MAP, label_map)]
