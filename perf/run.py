@@ -87,7 +87,7 @@ def server_info(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
             raise ConnectionError(f"no ready Triton server at {url} (gRPC) after {timeout_s:.0f} s")
         time.sleep(0.5)
     meta = client.get_server_metadata(as_json=True)
-    index = client.get_model_repository_index(as_json=True).get("models", [])
+    index = [{"name": name, "state": "READY"} for name in known_model_names() if client.is_model_ready(name)]
     models: dict[str, dict[str, str]] = {}
     for entry in index:
         if entry.get("state") != "READY" or entry["name"] in models:
@@ -103,6 +103,14 @@ def server_info(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
         }
     client.close()
     return {"url": url, "triton_version": meta.get("version", "?"), "models": models}
+
+
+def known_model_names() -> list[str]:
+    """Every model the repository can hold: the repository index is an operator-only call (locked server)."""
+    from wholebody import contract as c
+
+    networks = [c.network_model_name(r, v) for r in c.RESOLUTIONS for v in c.VARIANTS]
+    return [c.ENSEMBLE, c.PREPROCESS, c.SLIDING_WINDOW, c.POSTPROCESS, *networks]
 
 
 # --- memory ----------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensity, Spacing
 
+from wholebody.validation import InvalidRequestError
 
-class InvalidVolumeError(ValueError):
+
+class InvalidVolumeError(InvalidRequestError):
     """The volume cannot be segmented; the message says what is wrong and how to fix it."""
 
 
@@ -30,7 +32,7 @@ def check_volume(image: torch.Tensor | np.ndarray, affine: torch.Tensor | np.nda
     if voxels > max_voxels:
         raise InvalidVolumeError(
             f"image has {voxels:,} voxels, above this server's limit of {max_voxels:,} "
-            f"(shape {list(shape)}); crop it or raise the preprocess model's max_input_voxels"
+            f"(shape {list(shape)}); crop it or raise the ensemble's max_input_voxels"
         )
     values = torch.as_tensor(image)
     if not values.is_floating_point():

@@ -1,9 +1,10 @@
 """The thin Triton layer shared by the Python-backend models of `model_repository/`.
 
 Import this only inside a Triton Python backend stub: it needs `triton_python_backend_utils`.
-Each model's `model.py` parses its config once in `initialize`, then answers every request of a
-batch on its own (one bad request never fails the others) by calling plain functions from
-`wholebody` that know nothing of Triton.
+Each model's `model.py` parses its config once in `initialize` (range-checked: a bad value fails the
+load), then answers every request of a batch on its own (one bad request never fails the others) by
+calling plain functions from `wholebody` that know nothing of Triton. A caller's mistake
+(`InvalidRequestError`) answers INVALID_ARGUMENT / HTTP 400, anything else INTERNAL / HTTP 500.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
 from wholebody.bundle import build_network, load_checkpoint
-from wholebody.contract import IN_CHANNELS, LOGITS, WINDOW
+from wholebody.contract import IN_CHANNELS, LOGITS, ROI_SIZE, WINDOW
 from wholebody.layout import channels_last
 from wholebody.memory import enable_huge_pages
+from wholebody.validation import ConfigError, InvalidRequestError, SizeLimits, read_size_limits
 
 
 def model_logger(args: dict[str, str]) -> logging.Logger:
@@ -66,7 +68,7 @@ def apply_huge_pages(params: dict[str, str], logger: logging.Logger) -> None:
 
 def required_parameter(params: dict[str, str], key: str) -> str:
     if key not in params or params[key] == "":
-        raise ValueError(f"config.pbtxt must set parameter {key!r}")
+        raise ConfigError(f"config.pbtxt must set parameter {key!r}")
     return params[key]
 
 
@@ -74,7 +76,7 @@ def choice_parameter(params: dict[str, str], key: str, choices: Sequence[str], d
     """Parameter `key`, which must be one of `choices`; required unless a `default` is given."""
     value = required_parameter(params, key) if default is None else params.get(key) or default
     if value not in choices:
-        raise ValueError(f"parameter {key!r} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"parameter {key!r} must be one of {list(choices)}, got {value!r}")
     return value
 
 
@@ -82,7 +84,7 @@ def input_tensor(request: Any, name: str, device: torch.device) -> torch.Tensor:
     """A request input as a torch tensor on `device` (zero-copy where DLPack allows)."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
-        raise ValueError(f"request has no input {name!r}")
+        raise InvalidRequestError(f"request has no input {name!r}")
     return torch.from_dlpack(tensor.to_dlpack()).to(device)
 
 
@@ -93,7 +95,7 @@ def optional_string(request: Any, name: str, default: str) -> str:
         return default
     values = tensor.as_numpy().reshape(-1)
     if values.size != 1:
-        raise ValueError(f"input {name!r} must hold one string, got {values.size}")
+        raise InvalidRequestError(f"input {name!r} must hold one string, got {values.size}")
     value = values[0]
     text = value.decode() if isinstance(value, bytes) else str(value)
     return text or default
@@ -116,16 +118,26 @@ def string_tensor(name: str, value: str) -> Any:
     return pb_utils.Tensor(name, np.array([value.encode()], dtype=np.object_))
 
 
+def invalid_argument(message: str) -> Any:
+    """An error response for the caller's mistake: gRPC INVALID_ARGUMENT, HTTP 400 (not retried)."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+
+
+def internal_error(message: str) -> Any:
+    """An error response for a fault of the server: gRPC INTERNAL, HTTP 500."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
+
+
 def respond_each(
     requests: Sequence[Any],
     handle: Callable[[Any], list[Any]],
     logger: logging.Logger,
-    expected_errors: tuple[type[BaseException], ...] = (ValueError,),
+    expected_errors: tuple[type[BaseException], ...] = (InvalidRequestError,),
 ) -> list[Any]:
     """One response per request: `handle(request)`'s output tensors, or that request's error.
 
-    Errors of the `expected_errors` types are the caller's fault and go back as they are; anything
-    else is logged with its traceback and reported as an internal error.
+    Errors of the `expected_errors` types are the caller's fault and go back as they are, as
+    INVALID_ARGUMENT; anything else is logged with its traceback and reported as INTERNAL.
     """
     responses = []
     for request in requests:
@@ -133,24 +145,26 @@ def respond_each(
             responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
         except expected_errors as exc:
             logger.info("rejected a request: %s", exc)
-            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+            responses.append(invalid_argument(str(exc)))
         except Exception as exc:  # reported to the client, traceback to the server log
             logger.exception("request failed")
-            message = f"internal error in {logger.name.removeprefix('wholebody.')}: {type(exc).__name__}: {exc}"
-            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+            where = logger.name.removeprefix("wholebody.")
+            responses.append(internal_error(f"internal error in {where}: {type(exc).__name__}: {exc}"))
     return responses
 
 
 class PythonModel:
     """What every Python-backend model of the repository does: `initialize` sets the instance's
-    logger, device and config parameters, applies `huge_pages`, then calls `configure`; `execute`
-    answers each request with `handle`'s output tensors or that request's own error.
+    logger, device, config parameters and the server's size limits (`self.limits`, from the
+    ensemble's config), applies `huge_pages`, then calls `configure`; `execute` answers each request
+    with `handle`'s output tensors or that request's own error.
     """
 
     def initialize(self, args: dict[str, str]) -> None:
         self.logger = model_logger(args)
         self.device = instance_device(args)
         self.params = parameters(args)
+        self.limits: SizeLimits = read_size_limits(args["model_repository"])
         apply_huge_pages(self.params, self.logger)
         self.configure(args)
 
@@ -185,6 +199,7 @@ class TorchNetworkModel(PythonModel):
                 f"{version_dir} lacks network_def.json or {checkpoint.name}: install a bundle with "
                 "`python -m wholebody.bundle install --bundle DIR`"
             )
+        self.max_batch_size = int(json.loads(args["model_config"]).get("max_batch_size", 0))
         network = build_network(json.loads(network_def_path.read_text()))
         memory_formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
         layout = choice_parameter(self.params, "memory_format", list(memory_formats), default="contiguous")
@@ -217,11 +232,11 @@ class TorchNetworkModel(PythonModel):
         batch, owners = [], []
         for index, request in enumerate(requests):
             try:
-                windows = input_tensor(request, WINDOW, self.device)
+                windows = self.checked_windows(request)
                 batch.append(windows)
                 owners.append((index, windows.shape[0]))
-            except ValueError as exc:
-                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+            except InvalidRequestError as exc:
+                responses[index] = invalid_argument(str(exc))
         if batch:
             try:
                 logits = self.forward(torch.cat(batch))
@@ -230,10 +245,24 @@ class TorchNetworkModel(PythonModel):
             except Exception as exc:
                 self.logger.exception("forward failed")
                 for index, _ in owners:
-                    responses[index] = pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(f"network forward failed: {type(exc).__name__}: {exc}")
-                    )
+                    responses[index] = internal_error(f"network forward failed: {type(exc).__name__}: {exc}")
         return responses
+
+    def checked_windows(self, request: Any) -> torch.Tensor:
+        """The request's windows, [B, 1, *ROI_SIZE] float32 with 1 <= B <= max_batch_size, on the device.
+
+        Triton checks the same from the config before the data is copied; this keeps the model safe
+        under any config. Raises InvalidRequestError.
+        """
+        tensor = pb_utils.get_input_tensor_by_name(request, WINDOW)
+        if tensor is None:
+            raise InvalidRequestError(f"request has no input {WINDOW!r}")
+        shape = list(tensor.shape())
+        expected = [IN_CHANNELS, *ROI_SIZE]
+        if len(shape) != 5 or shape[1:] != expected or not 1 <= shape[0] <= max(self.max_batch_size, 1):
+            dims = ", ".join(map(str, expected))
+            raise InvalidRequestError(f"{WINDOW} must be [B, {dims}] with 1 <= B <= {self.max_batch_size}, got {shape}")
+        return input_tensor(request, WINDOW, self.device)
 
     def finalize(self) -> None:
         self.network = None  # type: ignore[assignment]

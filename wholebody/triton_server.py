@@ -7,13 +7,24 @@ packages this project does not want (see the README).
 
     python -m wholebody.triton_server install       # fetch the binaries into the cache
     python -m wholebody.triton_server serve          # serve model_repository/ on CPU until Ctrl-C
+
+Every server the project starts is locked the same way (`tritonserver_args`): bound to loopback unless
+told otherwise, explicit model control (only the models of one config are loaded, and the watchdog can
+reload one), with loading, unloading and uploading models, tracing and log settings keyed behind an
+operator key sent as a header (`operator_headers`); shared memory is keyed too when the server listens
+beyond loopback. The launcher owns its processes: SIGTERM or SIGINT stops the server and every Python
+backend stub (TERM, then KILL after a grace period) and removes the stubs' /dev/shm regions.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ipaddress
+import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,12 +32,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from wholebody.contract import MODEL_REPOSITORY, REPO_ROOT
 
@@ -136,132 +149,539 @@ def perf_analyzer_env(binary: Path) -> dict[str, str]:
 
 
 def process_group(pgid: int) -> list[int]:
-    """Every live process of process group `pgid` (a LocalTritonServer: the server and its stubs)."""
+    """Every live process of process group `pgid` (a LocalTritonServer: the server and its stubs).
+
+    Zombies (exited, not yet reaped: a killed stub until Triton reaps it) are left out.
+    """
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.getpgid(int(entry.name)) == pgid:
+                if os.getpgid(int(entry.name)) == pgid and _state(int(entry.name)) != "Z":
                     found.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
+            except (ProcessLookupError, PermissionError, OSError):
                 continue
     return found
 
 
-def _free_port() -> int:
+def _state(pid: int) -> str:
+    """The one-letter state of /proc/PID/stat (R, S, D, Z, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _free_port(address: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return int(s.getsockname()[1])
 
 
-def models_with_config(model_repository: Path, config_name: str) -> list[str]:
+class PortInUseError(RuntimeError):
+    """A port the server should listen on is taken by another process."""
+
+
+def check_port_free(address: str, port: int, role: str) -> None:
+    """Raise PortInUseError naming `port` (and its role) when something already listens on it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver: TIME_WAIT is no conflict
+        try:
+            s.bind((address, port))
+        except OSError as exc:
+            raise PortInUseError(
+                f"{role} port {port} on {address} is in use by another process ({exc.strerror}); "
+                f"stop that server or pick another port (--{role}-port, 0 = any free port)"
+            ) from None
+
+
+def listening_socket_inodes(port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on `port` (any address), from /proc/net/tcp{,6}."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def owns_listening_port(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the socket listening on `port` (so a ready answer there is its own)."""
+    inodes = listening_socket_inodes(port)
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
+
+
+def models_with_config(model_repository: Path, config_name: str | None) -> list[str]:
     """Models that have `configs/<config_name>.pbtxt`, plus the ensembles (they run anywhere).
 
     On a CPU box this leaves out GPU-only models (the TensorRT plans) that would fail to load.
+    `config_name=None`: every model that has a config.pbtxt.
     """
     names = []
     for model_dir in sorted(p for p in Path(model_repository).iterdir() if p.is_dir()):
         config = model_dir / "config.pbtxt"
-        if (model_dir / "configs" / f"{config_name}.pbtxt").exists():
+        if config_name is None:
+            if config.exists():
+                names.append(model_dir.name)
+        elif (model_dir / "configs" / f"{config_name}.pbtxt").exists():
             names.append(model_dir.name)
         elif config.exists() and 'platform: "ensemble"' in config.read_text():
             names.append(model_dir.name)
     return names
 
 
+# --- the operator key: who may load, unload and upload models ------------------------------------
+OPERATOR_KEY_HEADER = "operator-key"  # the HTTP header; gRPC metadata carries GRPC_HEADER_PREFIX + it
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # tritonserver 2.51 matches gRPC metadata with this prefix
+OPERATOR_KEY_ENV = "WHOLEBODY_OPERATOR_KEY"
+# Triton's protocol groups only an operator may use: model-repository (load, unload, upload = run code
+# on the server, repository index), trace (settings include files written on the server), logging.
+OPERATOR_PROTOCOLS = ("model-repository", "trace", "logging")
+# On a non-loopback address also the shared-memory protocol: a remote client cannot share this host's
+# memory anyway, and registering a region by name would let it map any region of the server's host.
+REMOTE_OPERATOR_PROTOCOLS = OPERATOR_PROTOCOLS + ("shared-memory",)
+
+
+def operator_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
+    """Headers that authorise an operator call (`load_model`, `unload_model`, ...) with tritonclient.
+
+    >>> operator_headers("k")
+    {'triton-grpc-protocol-operator-key': 'k'}
+    >>> operator_headers("k", "http")
+    {'operator-key': 'k'}
+    """
+    if protocol not in ("grpc", "http"):
+        raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+    return {(GRPC_HEADER_PREFIX if protocol == "grpc" else "") + OPERATOR_KEY_HEADER: key}
+
+
+def new_operator_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def read_or_create_operator_key(path: Path) -> str:
+    """The key in `path`; a new one written there (mode 0600, never overwriting) when it is missing.
+
+    Raises ValueError when the file is empty or holds characters a header value cannot carry.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_text().strip()
+        if not key or any(c.isspace() or c in ",=" for c in key):
+            raise ValueError(f"{path}: an operator key must be one word without ',' or '='") from None
+        if path.stat().st_mode & 0o077:
+            log.warning("%s is readable by other users; chmod 600 it", path)
+        return key
+    key = new_operator_key()
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    log.info("wrote a new operator key to %s (mode 0600)", path)
+    return key
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+# tritonserver flags that would undo the locks or the launcher's ownership; refused as extra arguments
+LOCKED_FLAGS = (
+    "--model-repository", "--model-store", "--model-control-mode", "--load-model", "--repository-poll-secs",
+    "--http-restricted-api", "--grpc-restricted-protocol", "--http-address", "--grpc-address",
+    "--metrics-address", "--backend-directory", "--backend-config=python,shm-region-prefix-name",
+)
+
+
+def tritonserver_args(
+    *,
+    tritonserver: Path,
+    backend_directory: Path,
+    model_repository: Path,
+    models: list[str],
+    config_name: str | None,
+    operator_key: str,
+    address: str = "127.0.0.1",
+    grpc_port: int = 8001,
+    http_port: int = 8000,
+    metrics_port: int = 8002,
+    shm_region_prefix: str = "wholebody_",
+    verbose: bool = False,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """The tritonserver command line every server of the project runs: the one place of its locks.
+
+    - binds `address` only (loopback by default; a container passes 0.0.0.0);
+    - model control `explicit` with exactly `models` loaded at start: only the models of one config
+      (a CPU box must not try the GPU configs) and the watchdog can reload a model whose stub died;
+    - the model-repository, trace and logging protocols (and shared memory off loopback) need the
+      header `operator-key: <operator_key>` on HTTP, `triton-grpc-protocol-operator-key` on gRPC;
+      inference, health, metadata, model config and statistics stay open;
+    - the Python backend's shared-memory regions are named `<shm_region_prefix>...` so the launcher
+      can remove exactly its own after a crash;
+    - `extra` flags (tuning: `--cuda-memory-pool-byte-size=...`) go last; one of LOCKED_FLAGS raises
+      ValueError.
+    """
+    for arg in extra or []:
+        if arg.startswith(LOCKED_FLAGS):
+            raise ValueError(f"{arg.split('=')[0]} is set by the launcher and cannot be overridden")
+    if not operator_key or any(c.isspace() or c in ",=:" for c in operator_key):
+        raise ValueError("the operator key must be a non-empty word without ',', '=' or ':'")
+    protocols = ",".join(OPERATOR_PROTOCOLS if is_loopback(address) else REMOTE_OPERATOR_PROTOCOLS)
+    restriction = f"{protocols}:{OPERATOR_KEY_HEADER}={operator_key}"
+    cmd = [
+        str(tritonserver),
+        f"--model-repository={model_repository}",
+        f"--backend-directory={backend_directory}",
+        "--disable-auto-complete-config",
+        "--model-control-mode=explicit",
+        *[f"--load-model={m}" for m in models],
+        "--strict-readiness=true",
+        "--exit-timeout-secs=10",
+        "--allow-gpu-metrics=false",
+        "--pinned-memory-pool-byte-size=0",
+        f"--http-address={address}",
+        f"--grpc-address={address}",
+        f"--metrics-address={address}",
+        f"--http-port={http_port}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-port={metrics_port}",
+        f"--grpc-restricted-protocol={restriction}",
+        f"--http-restricted-api={restriction}",
+        f"--backend-config=python,shm-region-prefix-name={shm_region_prefix}",
+        f"--log-verbose={1 if verbose else 0}",
+    ]
+    if config_name:
+        cmd.append(f"--model-config-name={config_name}")
+    return cmd + list(extra or [])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launcher dies (even by SIGKILL)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+# --- the watchdog: a model whose stub died, or whose idle stub keeps a large pool, is reloaded ----------
+@dataclass(frozen=True)
+class Stub:
+    """A Python backend stub process: its model and its shared-memory pool (/dev/shm)."""
+
+    pid: int
+    model: str
+    region: Path
+
+
+def stubs_of(pids: list[int]) -> list[Stub]:
+    """The Python backend stubs among `pids`, from their command lines
+    (`triton_python_backend_stub <repo>/<model>/<version>/model.py <shm region> ...`)."""
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and argv[0].endswith(b"triton_python_backend_stub"):
+            model = Path(argv[1].decode()).parent.parent.name
+            found.append(Stub(pid, model, Path("/dev/shm") / argv[2].decode().lstrip("/")))
+    return found
+
+
+def stub_models(pids: list[int]) -> dict[int, str]:
+    """{pid: model name} of the Python backend stubs among `pids`."""
+    return {stub.pid: stub.model for stub in stubs_of(pids)}
+
+
+def resident_bytes(path: Path) -> int:
+    """Resident size of a /dev/shm file (0 when gone)."""
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of `pids` together (/proc/PID/stat), in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+RELOAD_PARAMETER = "wholebody_reload"  # a config override that changes nothing but makes Triton reload
+
+
+@dataclass
+class StubWatchdog:
+    """Keeps every READY Python-backend model serving and lean, with the operator key.
+
+    Triton 2.51 does not restart a dead stub (the OOM killer's SIGKILL): its model fails every later
+    request while the server and the model still report ready. And a stub's shared-memory pool grows to
+    the largest request it saw (inputs are copied into it, even those it then refuses) and never
+    shrinks. Every `interval_s` this compares the live stubs of each READY model with what its config
+    asks for: a model that lost one is reloaded at once. When the whole server was idle over an
+    interval (its processes used under 0.1 s of CPU: nothing in flight) and the stub of a model with
+    variable-size tensors (the stages, not the network models, whose pools are bounded by their
+    config) holds a pool above `max_idle_pool_bytes`, that model is reloaded too, to a fresh 1 MiB pool.
+
+    A reload is Triton's own: `load_model` with the model's current config plus a changed parameter
+    `wholebody_reload` (a load of an unchanged model does nothing); the old instance keeps serving until
+    the new one is ready, and the ensemble is not touched. A reload that fails leaves the model
+    unavailable, and then the server's readiness (strict) answers not ready.
+    """
+
+    server: LocalTritonServer
+    interval_s: float = 2.0
+    max_idle_pool_bytes: int = 64 * 2**20
+    reloads: list[tuple[str, str, float]] = field(default_factory=list)  # (model, why, seconds)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> StubWatchdog:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="stub-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+
+    @staticmethod
+    def configured_stubs(config: dict[str, Any], gpus: int | None = None) -> int:
+        """Python backend stubs a model config (JSON) asks for: `count` per group, times the GPUs of a
+        KIND_GPU group (its `gpus` list, else every GPU: `gpus`, default the /dev/nvidiaN devices)."""
+        if config.get("backend") != "python":
+            return 0
+        if gpus is None:
+            gpus = len([d for d in Path("/dev").glob("nvidia[0-9]*")])
+        total = 0
+        for group in config.get("instance_group", []):
+            count = int(group.get("count", 1))
+            if group.get("kind", "KIND_GPU") == "KIND_GPU":
+                count *= len(group.get("gpus", [])) or max(gpus, 1)
+            total += count
+        return total
+
+    @staticmethod
+    def variable_size(config: dict[str, Any]) -> bool:
+        """Whether a model config (JSON) has a tensor of variable size (a -1 dim): its stub's pool grows
+        with the requests. A network model's windows and logits have fixed dims: its pool stays at
+        max_batch_size windows of logits, the working set of every request, and is left alone."""
+        tensors = config.get("input", []) + config.get("output", [])
+        return any(int(d) < 0 for t in tensors for d in t.get("dims", []))
+
+    def _loop(self) -> None:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        headers = operator_headers(self.server.operator_key)
+        client = grpcclient.InferenceServerClient(self.server.grpc_url)
+        expected: dict[str, int] = {}
+        variable: set[str] = set()
+        last_cpu = -1.0
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    index = client.get_model_repository_index(headers=headers, as_json=True).get("models", [])
+                    ready = {m["name"] for m in index if m.get("state") == "READY"}
+                    for model in ready - set(expected):
+                        config = client.get_model_config(model, as_json=True)["config"]
+                        expected[model] = self.configured_stubs(config)
+                        if self.variable_size(config):
+                            variable.add(model)
+                    pids = self.server.pids()
+                    stubs = stubs_of(pids)
+                    counts = {m: sum(1 for s in stubs if s.model == m) for m in ready}
+                    expected = {m: n for m, n in expected.items() if m in ready}
+                    for model in sorted(m for m in ready if counts[m] < expected[m]):
+                        self._reload(client, headers, model, "a Python backend stub died")
+                        expected.pop(model, None)
+                    cpu, last_cpu = last_cpu, cpu_seconds(pids)
+                    if 0 <= last_cpu - cpu < 0.1:
+                        large = {s.model for s in stubs if resident_bytes(s.region) > self.max_idle_pool_bytes}
+                        for model in sorted(large & ready & variable):
+                            self._reload(client, headers, model, "its idle stub holds a large shared-memory pool")
+                            last_cpu = -1.0
+                except InferenceServerException as exc:
+                    if not self._stop.is_set():
+                        log.warning("watchdog: %s", exc.message())
+        finally:
+            client.close()
+
+    def _reload(self, client: Any, headers: dict[str, str], model: str, why: str) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        if self._stop.is_set():
+            return
+        log.warning("watchdog: reloading %s: %s", model, why)
+        started = time.monotonic()
+        try:
+            config = client.get_model_config(model, as_json=True)["config"]
+            parameters = config.setdefault("parameters", {})
+            generation = int(parameters.get(RELOAD_PARAMETER, {}).get("string_value") or 0) + 1
+            parameters[RELOAD_PARAMETER] = {"string_value": str(generation)}
+            client.load_model(model, config=json.dumps(config), headers=headers)
+        except InferenceServerException as exc:
+            log.error("watchdog: reloading %s failed (%s); the server now reports not ready", model, exc.message())
+            return
+        took = time.monotonic() - started
+        self.reloads.append((model, why, took))
+        log.warning("watchdog: %s reloaded in %.1f s", model, took)
+
+
 @dataclass
 class LocalTritonServer:
-    """A tritonserver process on loopback, in its own process group.
+    """A tritonserver process in its own process group, locked as `tritonserver_args` says.
 
     Use as a context manager; `grpc_url` is what clients connect to. `config_name="cpu"` loads each
-    model's `configs/cpu.pbtxt` where it has one (CPU instances) and `config.pbtxt` otherwise.
-    `models=None` loads every model that has that config (all of them when `config_name` is None);
-    a list loads only those models.
+    model's `configs/cpu.pbtxt` where it has one (CPU instances) and `config.pbtxt` otherwise
+    (None: every model's config.pbtxt, the GPU configs). `models=None` loads every model that has
+    that config; a list loads only those models. Ports 0 are replaced by free ports. `operator_key`
+    None: a fresh random key (`operator_key` holds it once started). `log_path` "-" writes the server
+    log to this process's stdout; None: a new file under the cache's logs/. `watchdog`: reload a model
+    whose stub died, or whose idle stub's pool exceeds `max_idle_pool_bytes` (StubWatchdog).
+
+    Raises PortInUseError when a port is taken, RuntimeError/TimeoutError when the server does not
+    come up (with the log's tail).
     """
 
     model_repository: Path = MODEL_REPOSITORY
     config_name: str | None = "cpu"
     models: list[str] | None = None
+    address: str = "127.0.0.1"
     grpc_port: int = 0
     http_port: int = 0
     metrics_port: int = 0
-    log_path: Path | None = None
+    log_path: Path | str | None = None
     verbose: bool = False
     startup_timeout_s: float = 180.0
+    stop_grace_s: float = 20.0
     cache: Path = DEFAULT_CACHE
+    tritonserver: Path | None = None
+    backend_directory: Path | None = None
+    operator_key: str = ""
+    watchdog: bool = False
+    max_idle_pool_bytes: int = 64 * 2**20
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
+    shm_region_prefix: str = ""
+    _watchdog: StubWatchdog | None = None
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.address in ("0.0.0.0", "") else self.address
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self._client_host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self._client_host}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
 
-    def command(self, install: TritonInstall) -> list[str]:
-        cmd = [
-            str(install.tritonserver),
-            f"--model-repository={self.model_repository}",
-            f"--backend-directory={install.backends}",
-            "--disable-auto-complete-config",
-            "--exit-timeout-secs=10",
-            "--allow-gpu-metrics=false",
-            "--pinned-memory-pool-byte-size=0",
-            "--http-address=127.0.0.1",
-            "--grpc-address=127.0.0.1",
-            "--metrics-address=127.0.0.1",
-            f"--http-port={self.http_port}",
-            f"--grpc-port={self.grpc_port}",
-            f"--metrics-port={self.metrics_port}",
-            f"--log-verbose={1 if self.verbose else 0}",
-        ]
-        if self.config_name:
-            cmd.append(f"--model-config-name={self.config_name}")
-        models = self.models
-        if models is None and self.config_name:
-            models = models_with_config(self.model_repository, self.config_name)
-        if models is not None:
-            cmd.append("--model-control-mode=explicit")
-            cmd += [f"--load-model={m}" for m in models]
-        return cmd + self.extra_args
+    def command(self) -> list[str]:
+        if self.tritonserver is None or self.backend_directory is None:
+            install = install_tritonserver(self.cache)
+            self.tritonserver = self.tritonserver or install.tritonserver
+            self.backend_directory = self.backend_directory or install.backends
+        models = self.models if self.models is not None else models_with_config(self.model_repository, self.config_name)
+        return tritonserver_args(
+            tritonserver=self.tritonserver,
+            backend_directory=self.backend_directory,
+            model_repository=self.model_repository,
+            models=models,
+            config_name=self.config_name,
+            operator_key=self.operator_key,
+            address=self.address,
+            grpc_port=self.grpc_port,
+            http_port=self.http_port,
+            metrics_port=self.metrics_port,
+            shm_region_prefix=self.shm_region_prefix,
+            verbose=self.verbose,
+            extra=self.extra_args,
+        )
 
     def environment(self) -> dict[str, str]:
         """The stub embeds libpython and runs the interpreter first on PATH: make it this one."""
         env = dict(os.environ)
+        env.pop(OPERATOR_KEY_ENV, None)  # the key is on the command line's restriction, not in stubs
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
         return env
 
     def start(self) -> LocalTritonServer:
-        install = install_tritonserver(self.cache)
-        for attr in ("grpc_port", "http_port", "metrics_port"):
-            if not getattr(self, attr):
-                setattr(self, attr, _free_port())
+        for role in ("grpc", "http", "metrics"):
+            attr = f"{role}_port"
+            if getattr(self, attr):
+                check_port_free(self.address, getattr(self, attr), role)
+            else:
+                setattr(self, attr, _free_port(self.address))
+        self.operator_key = self.operator_key or new_operator_key()
+        self.shm_region_prefix = f"wholebody_{os.getpid()}_{secrets.token_hex(4)}_"
+        cmd = self.command()
         if self.log_path is None:
-            self.log_path = self.cache / "logs" / f"tritonserver-{self.grpc_port}.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.log_path = self.cache / "logs" / f"tritonserver-{self.grpc_port}-{stamp}-{os.getpid()}.log"
+        if str(self.log_path) == "-":
+            log_file = None
+        else:
+            self.log_path = Path(self.log_path)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_file = open(self.log_path, "ab")  # append: never truncate a log that is not ours
         log.info("starting tritonserver on %s (log: %s)", self.grpc_url, self.log_path)
-        with open(self.log_path, "wb") as log_file:
+        try:
             self.process = subprocess.Popen(
-                self.command(install),
+                cmd,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=self.environment(),
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
+        finally:
+            if log_file is not None:
+                log_file.close()
         try:
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
+        if self.watchdog:
+            self.start_watchdog()
         return self
+
+    def start_watchdog(self, interval_s: float = 2.0) -> StubWatchdog:
+        """Start a StubWatchdog on this server (`watchdog=True` does at start)."""
+        self._watchdog = StubWatchdog(self, interval_s=interval_s, max_idle_pool_bytes=self.max_idle_pool_bytes).start()
+        return self._watchdog
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -276,41 +696,65 @@ class LocalTritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
+                        if not owns_listening_port(self.process.pid, self.http_port):
+                            raise PortInUseError(f"http port {self.http_port} is answered by another process")
                         return
+            except PortInUseError:
+                raise
             except OSError:
                 pass
             time.sleep(0.25)
         raise TimeoutError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
-        if self.log_path is None or not self.log_path.exists():
+        if self.log_path is None or str(self.log_path) == "-" or not Path(self.log_path).exists():
             return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        """SIGTERM the server's process group, SIGKILL what is left.
+        """Stop the watchdog, SIGTERM the server's process group, SIGKILL what is left after
+        `stop_grace_s`, then remove the Python backend's /dev/shm regions of this server.
 
         The whole group, also when the server itself has already died: its Python backend stubs
-        outlive a crashed server.
+        outlive a crashed server, and a killed stub leaves its region behind.
         """
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         if self.process is None:
             return
         pgid = self.process.pid
         if self.process.poll() is None:
             try:
                 os.killpg(pgid, signal.SIGTERM)
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=self.stop_grace_s)
             except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop in 20 s; killing its process group")
+                log.warning("tritonserver did not stop in %.0f s; killing its process group", self.stop_grace_s)
             except ProcessLookupError:
                 pass
         elif self.process.returncode:
             log.warning("tritonserver had exited with code %s; see %s", self.process.returncode, self.log_path)
+        deadline = time.monotonic() + self.stop_grace_s
+        while process_group(pgid) and time.monotonic() < deadline:  # stubs finishing after the server
+            time.sleep(0.1)
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.process.wait()
+        while process_group(pgid) and time.monotonic() < deadline + 5:
+            time.sleep(0.05)
+        self.remove_shared_memory()
+
+    def shared_memory_files(self) -> list[Path]:
+        """The /dev/shm regions of this server's Python backend stubs."""
+        if not self.shm_region_prefix:
+            return []
+        return sorted(Path("/dev/shm").glob(f"{self.shm_region_prefix}*"))
+
+    def remove_shared_memory(self) -> None:
+        for path in self.shared_memory_files():
+            path.unlink(missing_ok=True)
 
     def pids(self) -> list[int]:
         """The server and every process of its group (the Python backend stubs)."""
@@ -325,45 +769,150 @@ class LocalTritonServer:
         self.stop()
 
 
+def _operator_key(key_file: Path | None) -> tuple[str, Path | None]:
+    """The operator key (env WHOLEBODY_OPERATOR_KEY, else `key_file`) and a file to remove at exit.
+
+    Neither given: a new key in a fresh private folder (0700; the file 0600), removed when the
+    server stops: an operator on this host reads it from the path the launcher logs.
+    """
+    if os.environ.get(OPERATOR_KEY_ENV):
+        return os.environ[OPERATOR_KEY_ENV].strip(), None
+    if key_file is not None:
+        return read_or_create_operator_key(key_file), None
+    folder = Path(tempfile.mkdtemp(prefix="wholebody-operator-"))
+    path = folder / "operator-key"
+    return read_or_create_operator_key(path), path
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGTERM/SIGINT."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def serve(args: argparse.Namespace) -> int:
+    # A background job starts with SIGINT ignored, and SIGTERM kills Python without cleanup: own both.
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        key, generated = _operator_key(args.operator_key_file)
+    except (OSError, ValueError) as exc:
+        log.error("error: operator key: %s", exc)
+        return 2
+    server = LocalTritonServer(
+        model_repository=args.model_repository,
+        config_name=args.config_name or None,
+        models=args.models,
+        address=args.address,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        log_path=args.log,
+        tritonserver=args.tritonserver,
+        backend_directory=args.backend_directory,
+        operator_key=key,
+        watchdog=not args.no_watchdog,
+        max_idle_pool_bytes=args.max_idle_pool_mb * 2**20,
+        verbose=args.verbose,
+        extra_args=args.tritonserver_arg,
+    )
+    code = 0
+    try:
+        server.start()
+        where = f"key file {generated}" if generated else (args.operator_key_file or f"${OPERATOR_KEY_ENV}")
+        log.info(
+            "serving %s on grpc %s, http %s, metrics %s; operator key: %s; watchdog %s; SIGTERM or Ctrl-C stops",
+            args.model_repository, server.grpc_url, server.http_url, server.metrics_url, where,
+            "off" if args.no_watchdog else "on",
+        )
+        assert server.process is not None
+        code = server.process.wait()
+        log.error("tritonserver exited by itself with code %s", code)
+        code = code or 1
+    except _Stop as stop:
+        log.info("%s: stopping tritonserver and its stubs", stop)
+    except (PortInUseError, RuntimeError, TimeoutError, ValueError) as exc:
+        log.error("error: %s", exc)
+        code = 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the cleanup
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        server.stop()
+        if generated is not None:
+            shutil.rmtree(generated.parent, ignore_errors=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m wholebody.triton_server",
-        description="Fetch and run a local Triton server (CPU) serving the model repository.",
+        description="Fetch and run a local Triton server serving the model repository, locked down: "
+        "clients may infer, read metadata/config/statistics and (on loopback) use shared memory; loading, "
+        "unloading and uploading models need the operator key.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("install", help="fetch tritonserver and perf_analyzer into the cache folder")
-    serve = sub.add_parser("serve", help="serve the model repository until interrupted")
-    serve.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument(
-        "--config-name", default="cpu", help="per-model config to load from configs/NAME.pbtxt ('' = config.pbtxt)"
+    serve_parser = sub.add_parser(
+        "serve",
+        help="serve the model repository until SIGTERM or Ctrl-C",
+        description="Serve the model repository until SIGTERM or Ctrl-C, then stop the server and every "
+        "stub and remove their shared memory. An operator reloads a model with the key, e.g. "
+        "tritonclient.grpc.InferenceServerClient(URL).load_model(NAME, "
+        "headers={'triton-grpc-protocol-operator-key': KEY}) or "
+        "curl -X POST -H 'operator-key: KEY' http://HOST:8000/v2/repository/models/NAME/load",
     )
-    serve.add_argument("--model", action="append", dest="models", help="load only this model (repeatable)")
+    serve_parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
+    serve_parser.add_argument(
+        "--config-name", default="cpu",
+        help="per-model config to load from configs/NAME.pbtxt ('' = each model's config.pbtxt: the GPU configs)",
+    )
+    serve_parser.add_argument("--model", action="append", dest="models", help="load only this model (repeatable)")
+    serve_parser.add_argument(
+        "--address", default="127.0.0.1", help="address to listen on (default loopback; 0.0.0.0 in a container)"
+    )
+    serve_parser.add_argument("--grpc-port", type=int, default=8001, help="0 = any free port")
+    serve_parser.add_argument("--http-port", type=int, default=8000, help="0 = any free port")
+    serve_parser.add_argument("--metrics-port", type=int, default=8002, help="0 = any free port")
+    serve_parser.add_argument("--log", default="-", help="server log file, appended to ('-' = stdout, the default)")
+    serve_parser.add_argument(
+        "--tritonserver", type=Path, help="server binary (default: the one unpacked from nvidia-pytriton into "
+        "the cache; in NVIDIA's container /opt/tritonserver/bin/tritonserver)",
+    )
+    serve_parser.add_argument(
+        "--backend-directory", type=Path, help="backends folder (default: the cached one; in NVIDIA's container "
+        "/opt/tritonserver/backends)",
+    )
+    serve_parser.add_argument(
+        "--operator-key-file", type=Path,
+        help=f"file holding the operator key (created with a new key, mode 0600, when missing); ${OPERATOR_KEY_ENV} "
+        "takes precedence; neither: a new key in a private temporary file whose path is logged",
+    )
+    serve_parser.add_argument(
+        "--no-watchdog", action="store_true",
+        help="do not reload a model whose Python stub died (the health command then fails: let the "
+        "orchestrator restart the server)",
+    )
+    serve_parser.add_argument(
+        "--max-idle-pool-mb", type=int, default=64,
+        help="the watchdog reloads a model whose stub keeps a shared-memory pool above this while the server "
+        "is idle (a pool grows to the largest request and never shrinks; default 64)",
+    )
+    serve_parser.add_argument("--verbose", action="store_true", help="tritonserver --log-verbose=1")
+    serve_parser.add_argument(
+        "--tritonserver-arg", action="append", default=[], metavar="FLAG",
+        help="an extra tritonserver flag, e.g. --tritonserver-arg=--cuda-memory-pool-byte-size=0:8589934592 "
+        "(repeatable; flags of the locks are refused)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "install":
         install = install_tritonserver()
         binary = install_perf_analyzer()
         print(f"tritonserver:  {install.tritonserver}\nperf_analyzer: {binary}")
         return 0
-    server = LocalTritonServer(
-        model_repository=args.model_repository,
-        config_name=args.config_name or None,
-        models=args.models,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        metrics_port=args.metrics_port,
-    )
-    with server:
-        log.info("serving %s on grpc %s, http %s; Ctrl-C stops", args.model_repository, server.grpc_url, server.http_url)
-        try:
-            assert server.process is not None
-            server.process.wait()
-        except KeyboardInterrupt:
-            pass
-    return 0
+    return serve(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Triton stage 1: the bundle's preprocessing (RAS, spacing, intensity normalisation)."""
+"""Triton stage 1: the bundle's preprocessing (RAS, spacing, intensity normalisation).
+
+Refuses before any work: an unknown resolution or network, a network that is not loaded, a volume over
+the size limits (from its shape), then a bad volume (check_volume)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from wholebody.contract import (
     AFFINE,
     IMAGE,
     IMAGE_INT16,
+    NETWORK,
     NORMALIZED_IMAGE,
     ORIENTED_AFFINE,
     ORIENTED_SHAPE,
@@ -18,6 +22,8 @@ from wholebody.contract import (
     RESOLUTION,
     RESOLUTIONS,
     RESOLVED_RESOLUTION,
+    VARIANTS,
+    network_model_name,
 )
 from wholebody.preprocessing import InvalidVolumeError, check_volume, estimated_resampled_voxels, preprocess
 from wholebody.triton_python import (
@@ -26,42 +32,58 @@ from wholebody.triton_python import (
     input_tensor,
     optional_string,
     output_tensor,
-    required_parameter,
     string_tensor,
 )
+from wholebody.validation import InvalidRequestError
 
 
-def ct_image(request: Any, device: torch.device) -> torch.Tensor:
-    """The request's CT as float32: `image` (FP32) or `image_int16` (INT16, cast exactly), exactly one."""
+def ct_image_input(request: Any) -> str:
+    """The name of the request's CT input: `image` (FP32) or `image_int16` (INT16); exactly one is sent."""
     given = [name for name in (IMAGE, IMAGE_INT16) if pb_utils.get_input_tensor_by_name(request, name) is not None]
     if len(given) != 1:
         raise InvalidVolumeError(
             f"send exactly one of the inputs {IMAGE!r} (FP32) and {IMAGE_INT16!r} (INT16), got {len(given)}"
         )
-    # int16 -> float32 is exact: the same voxels as the bundle's LoadImage gives from an int16 file
-    return input_tensor(request, given[0], device).to(torch.float32)
+    return given[0]
 
 
 class TritonPythonModel(PythonModel):
     def configure(self, args: dict[str, str]) -> None:
         self.default_resolution = choice_parameter(self.params, "default_resolution", sorted(RESOLUTIONS))
-        self.max_input_voxels = int(required_parameter(self.params, "max_input_voxels"))
-        self.max_resampled_voxels = int(required_parameter(self.params, "max_resampled_voxels"))
-        self.resample_dtype = getattr(torch, required_parameter(self.params, "resample_dtype"))
+        self.resample_dtype = getattr(torch, choice_parameter(self.params, "resample_dtype", ("float64", "float32")))
+
+    def check_network(self, request: Any, resolution: str) -> None:
+        """Refuse a named network that is unknown or not loaded, before any preprocessing."""
+        variant = optional_string(request, NETWORK, "")
+        if not variant:
+            return  # sliding_window's default_network
+        if variant not in VARIANTS:
+            raise InvalidRequestError(f"unknown network {variant!r}; choose one of {list(VARIANTS)}")
+        if not pb_utils.is_model_ready(network_model_name(resolution, variant)):
+            loaded = [v for v in VARIANTS if pb_utils.is_model_ready(network_model_name(resolution, v))]
+            raise InvalidRequestError(
+                f"network {variant!r} ({network_model_name(resolution, variant)}) is not loaded on this server; "
+                f"loaded for {resolution}: {loaded}"
+            )
 
     def handle(self, request: Any) -> list[Any]:
         resolution = optional_string(request, RESOLUTION, self.default_resolution)
         if resolution not in RESOLUTIONS:
             raise InvalidVolumeError(f"unknown resolution {resolution!r}; choose one of {sorted(RESOLUTIONS)}")
-        image = ct_image(request, self.device)
+        self.check_network(request, resolution)
+        image_input = ct_image_input(request)
+        self.limits.check_input(pb_utils.get_input_tensor_by_name(request, image_input).shape())
+        # int16 -> float32 is exact: the same voxels as the bundle's LoadImage gives from an int16 file
+        image = input_tensor(request, image_input, self.device).to(torch.float32)
         affine = input_tensor(request, AFFINE, torch.device("cpu")).to(torch.float64)
-        check_volume(image, affine, self.max_input_voxels)
+        check_volume(image, affine, self.limits.max_input_voxels)
         pixdim = RESOLUTIONS[resolution].pixdim
         resampled = estimated_resampled_voxels(image.shape, affine.numpy(), pixdim)
-        if resampled > self.max_resampled_voxels:
+        if resampled > self.limits.max_resampled_voxels:
             raise InvalidVolumeError(
                 f"at {pixdim[0]} mm the image would have {resampled:,} voxels, above this server's limit of "
-                f"{self.max_resampled_voxels:,}; use resolution 'lowres', crop the image, or raise max_resampled_voxels"
+                f"{self.limits.max_resampled_voxels:,}; use resolution 'lowres', crop the image, or raise the "
+                "ensemble's max_resampled_voxels"
             )
         result = preprocess(image, affine, pixdim, resample_dtype=self.resample_dtype)
         return [

@@ -1,4 +1,7 @@
-"""Triton stage 2: sliding-window inference by BLS calls to a network model, to a uint8 label map."""
+"""Triton stage 2: sliding-window inference by BLS calls to a network model, to a uint8 label map.
+
+Checks its own request (also when sent directly, not by the ensemble): a known resolution and network,
+a loaded network model, a finite 3-D image within the ensemble's max_resampled_voxels."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from wholebody.contract import (
     NETWORK,
     NORMALIZED_IMAGE,
     RESAMPLED_LABEL_MAP,
+    RESOLUTIONS,
     RESOLVED_RESOLUTION,
     ROI_SIZE,
     VARIANTS,
@@ -20,24 +24,42 @@ from wholebody.contract import (
     network_model_name,
 )
 from wholebody.sliding_window import sliding_window_label_map
-from wholebody.triton_python import (
-    PythonModel,
-    choice_parameter,
-    input_tensor,
-    optional_string,
-    output_tensor,
-    required_parameter,
-)
+from wholebody.triton_python import PythonModel, choice_parameter, input_tensor, optional_string, output_tensor
+from wholebody.validation import InvalidRequestError, float_parameter, int_parameter
+
+# MONAI's sliding_window_inference choices (BlendMode, PytorchPadMode)
+BLEND_MODES = ("gaussian", "constant")
+PADDING_MODES = ("constant", "reflect", "replicate", "circular")
 
 
 class TritonPythonModel(PythonModel):
     def configure(self, args: dict[str, str]) -> None:
         self.default_network = choice_parameter(self.params, "default_network", list(VARIANTS))
-        self.sw_batch_size = int(required_parameter(self.params, "sw_batch_size"))
-        self.overlap = float(required_parameter(self.params, "overlap"))
-        self.mode = required_parameter(self.params, "mode")
-        self.padding_mode = required_parameter(self.params, "padding_mode")
-        self.progress_every_s = float(self.params.get("progress_log_interval_s", "10"))
+        self.sw_batch_size = int_parameter(self.params, "sw_batch_size", 1, 64)
+        self.overlap = float_parameter(self.params, "overlap", 0.0, 1.0, high_open=True)
+        self.mode = choice_parameter(self.params, "mode", BLEND_MODES)
+        self.padding_mode = choice_parameter(self.params, "padding_mode", PADDING_MODES)
+        self.progress_every_s = float_parameter(self.params, "progress_log_interval_s", 0.1, 3600.0, default=10.0)
+
+    def checked_request(self, request: Any) -> tuple[str, torch.Tensor]:
+        """The network model to call and the image, once the request passed every check."""
+        resolution = optional_string(request, RESOLVED_RESOLUTION, "")
+        if resolution not in RESOLUTIONS:
+            raise InvalidRequestError(f"unknown resolution {resolution!r}; choose one of {sorted(RESOLUTIONS)}")
+        variant = optional_string(request, NETWORK, self.default_network)
+        if variant not in VARIANTS:
+            raise InvalidRequestError(f"unknown network {variant!r}; choose one of {list(VARIANTS)}")
+        model_name = network_model_name(resolution, variant)
+        if not pb_utils.is_model_ready(model_name):
+            raise InvalidRequestError(f"network {variant!r} ({model_name}) is not loaded on this server")
+        tensor = pb_utils.get_input_tensor_by_name(request, NORMALIZED_IMAGE)
+        if tensor is None:
+            raise InvalidRequestError(f"request has no input {NORMALIZED_IMAGE!r}")
+        self.limits.check_resampled(tensor.shape(), NORMALIZED_IMAGE)
+        image = input_tensor(request, NORMALIZED_IMAGE, self.device)
+        if not bool(torch.isfinite(image).all()):
+            raise InvalidRequestError(f"{NORMALIZED_IMAGE} has NaN or infinite voxels")
+        return model_name, image
 
     def predictor(self, model_name: str):
         def predict(windows: torch.Tensor) -> torch.Tensor:
@@ -55,12 +77,7 @@ class TritonPythonModel(PythonModel):
         return predict
 
     def handle(self, request: Any) -> list[Any]:
-        resolution = optional_string(request, RESOLVED_RESOLUTION, "")
-        variant = optional_string(request, NETWORK, self.default_network)
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown network {variant!r}; choose one of {list(VARIANTS)}")
-        model_name = network_model_name(resolution, variant)
-        image = input_tensor(request, NORMALIZED_IMAGE, self.device)
+        model_name, image = self.checked_request(request)
         started = last_log = time.monotonic()
 
         def progress(done: int, total: int) -> None:

@@ -1,0 +1,167 @@
+"""A real liveness check: a tiny synthetic CT through the ensemble, for each loaded resolution.
+
+    python -m wholebody.health -u localhost:8001 --timeout 30
+
+Exit 0 and one line (`healthy: ...`) when every resolution whose network is loaded returned a correct
+label map within the deadline; exit 1 and one line (`unhealthy: <reason>`) otherwise. A server that is
+busy with a long request (one sliding-window instance works on one CT at a time) is not dead: when the
+check times out but the network models computed windows meanwhile (Triton's statistics), it passes as
+`healthy (busy)`. Kubernetes: an exec liveness probe with `timeoutSeconds` above `--timeout`.
+Uses only the inference, health, model-config and statistics protocols (no operator key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from wholebody.contract import (
+    AFFINE,
+    ENSEMBLE,
+    IMAGE,
+    LABEL_MAP,
+    NETWORK,
+    NUM_CLASSES,
+    RESOLUTION,
+    RESOLUTIONS,
+    SLIDING_WINDOW,
+    VARIANTS,
+    network_model_name,
+)
+
+# 12^3 voxels of 3 mm (one window at either resolution): a soft-tissue block in air.
+PROBE_SHAPE = (12, 12, 12)
+PROBE_SPACING_MM = 3.0
+
+
+class Unhealthy(Exception):
+    """The server failed the check; the message is the one-line reason."""
+
+
+def probe_ct() -> tuple[np.ndarray, np.ndarray]:
+    """A [12, 12, 12] float32 CT in HU (-1000 air around a 40 HU block) and its 3 mm RAS affine."""
+    image = np.full(PROBE_SHAPE, -1000.0, dtype=np.float32)
+    image[3:9, 3:9, 3:9] = 40.0
+    return image, np.diag([PROBE_SPACING_MM] * 3 + [1.0])
+
+
+@dataclass
+class Probe:
+    """What to send: one (resolution, network variant) per loaded resolution."""
+
+    resolution: str
+    variant: str
+
+
+def plan(client: Any, timeout_s: float) -> list[Probe]:
+    """One probe per resolution that has a loaded network (the sliding window's default if loaded)."""
+    config = client.get_model_config(SLIDING_WINDOW, as_json=True, client_timeout=timeout_s)["config"]
+    default = config.get("parameters", {}).get("default_network", {}).get("string_value", "")
+    probes = []
+    for resolution in RESOLUTIONS:
+        names = {v: network_model_name(resolution, v) for v in VARIANTS}
+        loaded = [v for v, name in names.items() if client.is_model_ready(name, client_timeout=timeout_s)]
+        if loaded:
+            probes.append(Probe(resolution, default if default in loaded else loaded[0]))
+    if not probes:
+        raise Unhealthy("no network model is loaded")
+    return probes
+
+
+def windows_computed(client: Any, probes: list[Probe], timeout_s: float) -> int:
+    """Successful executions of the probed network models so far (Triton's statistics)."""
+    total = 0
+    for probe in probes:
+        stats = client.get_inference_statistics(
+            network_model_name(probe.resolution, probe.variant), as_json=True, client_timeout=timeout_s
+        )
+        for model in stats.get("model_stats", []):
+            total += int(model.get("inference_stats", {}).get("success", {}).get("count", 0))
+    return total
+
+
+def check(url: str, timeout_s: float) -> str:
+    """Run the check against the gRPC server at `url`; returns the healthy line, raises Unhealthy."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    started = time.monotonic()
+
+    def left() -> float:
+        remaining = timeout_s - (time.monotonic() - started)
+        if remaining <= 0:
+            raise TimeoutError
+        return remaining
+
+    client = grpcclient.InferenceServerClient(url)
+    image, affine = probe_ct()
+    done: list[str] = []
+    probes: list[Probe] = []
+    before = None
+    try:
+        if not client.is_server_live(client_timeout=left()):
+            raise Unhealthy("server not live")
+        if not client.is_model_ready(ENSEMBLE, client_timeout=left()):
+            raise Unhealthy(f"{ENSEMBLE} is not ready")
+        probes = plan(client, left())
+        before = windows_computed(client, probes, left())
+        for probe in probes:
+            inputs = [
+                grpcclient.InferInput(IMAGE, list(image.shape), "FP32"),
+                grpcclient.InferInput(AFFINE, [4, 4], "FP64"),
+            ]
+            inputs[0].set_data_from_numpy(image)
+            inputs[1].set_data_from_numpy(affine)
+            for name, value in ((RESOLUTION, probe.resolution), (NETWORK, probe.variant)):
+                tensor = grpcclient.InferInput(name, [1], "BYTES")
+                tensor.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
+                inputs.append(tensor)
+            t0 = time.monotonic()
+            labels = client.infer(ENSEMBLE, inputs, client_timeout=left()).as_numpy(LABEL_MAP)
+            wrong = labels is None or labels.shape != image.shape or labels.dtype != np.uint8
+            if wrong or int(labels.max()) >= NUM_CLASSES:
+                raise Unhealthy(f"{probe.resolution}/{probe.variant}: wrong label map returned")
+            done.append(f"{probe.resolution}/{probe.variant} {time.monotonic() - t0:.1f} s")
+    except (TimeoutError, InferenceServerException) as exc:
+        if isinstance(exc, InferenceServerException) and "DEADLINE_EXCEEDED" not in str(exc.status()):
+            raise Unhealthy(exc.message() or str(exc)) from None
+        if before is not None and probes:
+            try:
+                after = windows_computed(client, probes, 5.0)
+            except InferenceServerException:
+                after = before
+            if after > before:
+                return (
+                    f"healthy (busy): no answer within {timeout_s:g} s, "
+                    f"but {after - before} network batches computed meanwhile"
+                )
+        raise Unhealthy(f"no answer within {timeout_s:g} s and no network work done meanwhile") from None
+    finally:
+        client.close()
+    return f"healthy: {', '.join(done)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m wholebody.health",
+        description="Liveness check: segment a tiny synthetic CT through the ensemble for each loaded "
+        "resolution within a deadline. Exit 0 when healthy, 1 with a one-line reason otherwise.",
+    )
+    parser.add_argument("-u", "--url", default="localhost:8001", help="the server's gRPC HOST:PORT")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole check (default 30)")
+    args = parser.parse_args(argv)
+    try:
+        print(check(args.url, args.timeout))
+        return 0
+    except Unhealthy as exc:
+        print(f"unhealthy: {exc}".replace("\n", " "))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
