@@ -542,7 +542,6 @@ def test_entrypoint_runs_the_exporter_when_asked(test_bundle: Path, tmp_path: Pa
 
 # --- end to end: the entrypoint starts a locked-down server (needs the hardening branch) -----------
 
-HAVE_HEALTH = importlib.util.find_spec("wholebody.health") is not None
 
 
 def _free_port() -> int:
@@ -598,8 +597,6 @@ def entrypoint_server(
         process.wait()
 
 
-@pytest.mark.skipif(not HAVE_HEALTH, reason="needs the hardening branch (wholebody.health and the launcher's "
-                    "--address/--log/--operator-key-file flags); remove this skip after merging it")
 def test_entrypoint_serves_locked_down_passes_liveness_and_stops_on_sigterm(entrypoint_server: Any) -> None:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
