@@ -32,8 +32,17 @@ from tritonclient.utils import shared_memory as shm
 from perf.run import MemorySampler, host_memory_bytes, machine_info
 from wholebody import health
 from wholebody.bundle import copy_model_repository, install_bundle, make_test_bundle
-from wholebody.contract import AFFINE, ENSEMBLE, IMAGE, LABEL_MAP, PREPROCESS, RESOLUTION, SLIDING_WINDOW, network_model_name
-from wholebody.triton_server import LocalTritonServer, resident_bytes, stubs_of
+from wholebody.contract import (
+    AFFINE,
+    ENSEMBLE,
+    IMAGE,
+    LABEL_MAP,
+    PREPROCESS,
+    RESOLUTION,
+    SLIDING_WINDOW,
+    network_model_name,
+)
+from wholebody.triton_server import LocalTritonServer, stubs_of
 from wholebody.validation import MAX_INPUT_VOXELS, MAX_RESAMPLED_VOXELS, SizeLimits, write_size_limits
 
 log = logging.getLogger("perf.hardening")
@@ -48,16 +57,10 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def wait_lean(server: LocalTritonServer, timeout_s: float = 120) -> float:
-    """Seconds until no stage's stub pool exceeds the watchdog's bound (it reloads idle ones) and the
-    replaced stubs have exited (every model here has one instance)."""
+def wait_lean(server: LocalTritonServer) -> float:
+    """Seconds until the watchdog has trimmed every idle stage (LocalTritonServer.wait_lean)."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        stubs = stubs_of(server.pids())
-        large = [s for s in stubs if resident_bytes(s.region) > server.max_idle_pool_bytes and not s.model.startswith("segresnet_")]
-        if not large and len(stubs) == len({s.model for s in stubs}):
-            break
-        time.sleep(0.5)
+    server.wait_lean()
     return time.monotonic() - started
 
 
@@ -130,7 +133,9 @@ def recovery(server: LocalTritonServer, client: grpcclient.InferenceServerClient
     return float("nan")
 
 
-def measured(server: LocalTritonServer, action: Callable[[], tuple[str, float]]) -> tuple[str, float, int, int, int, float]:
+def measured(
+    server: LocalTritonServer, action: Callable[[], tuple[str, float]]
+) -> tuple[str, float, int, int, int, float]:
     """(outcome, seconds, peak, right after, once the watchdog trimmed, seconds to trim)."""
     assert server.process is not None
     with MemorySampler(server_pid=server.process.pid, interval_s=0.1) as sampler:
@@ -164,14 +169,18 @@ def main(argv: list[str] | None = None) -> int:
             wait_lean(server)
             idle = host_memory_bytes(server.pids())
             rows.append(("idle (after one tiny CT)", "", "", gib(idle), "", ""))
-            for label, shape in ((f"CT {'x'.join(map(str, accepted))}", accepted), (f"CT {'x'.join(map(str, refused))}", refused)):
+            for shape in (accepted, refused):
+                label = f"CT {'x'.join(map(str, shape))}"
                 log.info("sending %s (%s of float32)", label, gib(np.prod(shape) * 4))
                 outcome, seconds, peak, after, trimmed, trim_s = measured(server, lambda s=shape: send(client, s))
-                rows.append((f"{label}: {outcome}", f"{seconds:.1f} s", gib(peak), gib(after), gib(trimmed), f"{trim_s:.0f} s"))
+                rows.append(
+                    (f"{label}: {outcome}", f"{seconds:.1f} s", gib(peak), gib(after), gib(trimmed), f"{trim_s:.0f} s")
+                )
             outcome, seconds = client_refusal(client, refused)
-            rows.append((f"CT {'x'.join(map(str, refused))}: {outcome}", f"{seconds * 1000:.0f} ms", gib(idle), "", "", ""))
+            label = f"CT {'x'.join(map(str, refused))}"
+            rows.append((f"{label}: {outcome}", f"{seconds * 1000:.0f} ms", gib(idle), "", "", ""))
             reloads = len(server._watchdog.reloads) if server._watchdog else 0
-            recoveries = [(model, recovery(server, client, model)) for model in (NETWORK_MODEL, SLIDING_WINDOW, PREPROCESS)]
+            recoveries = [(m, recovery(server, client, m)) for m in (NETWORK_MODEL, SLIDING_WINDOW, PREPROCESS)]
             if server._watchdog is not None:
                 server._watchdog.stop()
             pid = next(s.pid for s in stubs_of(server.pids()) if s.model == PREPROCESS)
@@ -181,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             unhealthy_line = f"exit {code} after {time.monotonic() - started:.1f} s"
     info = machine_info()
     print(f"\nMachine: {info['cpu']}, {info['cores']} cores; network init_filters={args.init_filters}; "
-          f"limits {MAX_INPUT_VOXELS}={limits.max_input_voxels:,}, {MAX_RESAMPLED_VOXELS}={limits.max_resampled_voxels:,} "
+          f"limits {MAX_INPUT_VOXELS}={limits.max_input_voxels:,}, "
+          f"{MAX_RESAMPLED_VOXELS}={limits.max_resampled_voxels:,} "
           f"(shipped x {scale:g}); CT spacing {SPACING_MM} mm, lowres, shared memory; watchdog bound "
           f"{server.max_idle_pool_bytes // 2**20} MiB per idle stub pool\n")
     print("| request | time | peak server memory | right after | idle, after the watchdog | watchdog trim |")

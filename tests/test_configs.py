@@ -127,3 +127,12 @@ def test_label_names_are_served_in_bundle_order() -> None:
     if SHARED_LABELS.exists():  # the team's copy of the bundle's metadata, where it is at hand
         labels = json.loads(SHARED_LABELS.read_text())["labels"]
         assert names == [labels[str(i)] for i in range(len(labels))]
+
+
+def test_size_limits_live_in_the_ensemble_config_only() -> None:
+    limits = ("max_input_voxels", "max_resampled_voxels")
+    ensemble = load_models()[contract.ENSEMBLE]
+    assert all(int(ensemble.parameters[key].string_value) > 0 for key in limits)
+    for path in CONFIG_FILES:
+        if path.parent.name != contract.ENSEMBLE:
+            assert not set(limits) & set(parse(path).parameters), f"{path} repeats a size limit"

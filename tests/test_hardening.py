@@ -4,6 +4,7 @@ nothing behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -51,9 +52,7 @@ from wholebody.triton_server import (
     _free_port,
     operator_headers,
     process_group,
-    resident_bytes,
     stub_models,
-    stubs_of,
 )
 from wholebody.validation import ConfigError, InvalidRequestError, SizeLimits, float_parameter
 
@@ -82,6 +81,10 @@ def small_image() -> np.ndarray:
     return image
 
 
+def segment(client: grpcclient.InferenceServerClient, image: np.ndarray) -> np.ndarray:
+    return client.infer(ENSEMBLE, ensemble_inputs(grpcclient, image, resolution="lowres")).as_numpy(LABEL_MAP)
+
+
 def grpc_status(exc: InferenceServerException) -> str:
     return str(exc.status()).removeprefix("StatusCode.")
 
@@ -107,7 +110,8 @@ def test_plain_clients_cannot_upload_load_or_unload_models(server: LocalTritonSe
         assert info.value.status() == "403"
     # what ordinary clients need stays open
     assert grpc.is_model_ready(ENSEMBLE) and http.is_model_ready(ENSEMBLE)
-    assert grpc.get_model_config(ENSEMBLE).config.parameters["max_input_voxels"].string_value == str(TEST_MAX_INPUT_VOXELS)
+    limit = grpc.get_model_config(ENSEMBLE).config.parameters["max_input_voxels"].string_value
+    assert limit == str(TEST_MAX_INPUT_VOXELS)
     assert grpc.get_inference_statistics(ENSEMBLE).model_stats
     assert grpc.get_system_shared_memory_status() is not None
     assert not Path("/tmp/pwned").exists()
@@ -140,7 +144,8 @@ def test_a_network_that_is_not_loaded_is_refused_before_preprocessing(server: Lo
         return int(stats.get("execution_count", 0))
 
     before = sliding_window_runs()
-    with pytest.raises(InferenceServerException, match=r"'trt_fp16' \(segresnet_lowres_trt_fp16\) is not loaded.*torch_fp32") as info:
+    refusal = r"'trt_fp16' \(segresnet_lowres_trt_fp16\) is not loaded.*torch_fp32"
+    with pytest.raises(InferenceServerException, match=refusal) as info:
         client.infer(ENSEMBLE, ensemble_inputs(grpcclient, small_image(), resolution="lowres", network="trt_fp16"))
     assert grpc_status(info.value) == "INVALID_ARGUMENT"
     assert sliding_window_runs() == before  # refused by preprocess's first checks
@@ -150,7 +155,8 @@ def test_direct_oversize_requests_to_internal_models_are_refused(server: LocalTr
     client = grpcclient.InferenceServerClient(server.grpc_url)
     side = round(TEST_MAX_RESAMPLED_VOXELS ** (1 / 3)) + 2  # ~42 MB of float32, just over the limit
     volume = np.zeros((side, side, side), np.float32)
-    with pytest.raises(InferenceServerException, match=f"above this server's limit of {TEST_MAX_RESAMPLED_VOXELS:,}") as info:
+    over = f"above this server's limit of {TEST_MAX_RESAMPLED_VOXELS:,}"
+    with pytest.raises(InferenceServerException, match=over) as info:
         client.infer(SLIDING_WINDOW, [_tensor(grpcclient, NORMALIZED_IMAGE, volume, "FP32"),
                                       *_strings(grpcclient, **{RESOLVED_RESOLUTION: "lowres"})])
     assert grpc_status(info.value) == "INVALID_ARGUMENT"
@@ -160,7 +166,11 @@ def test_direct_oversize_requests_to_internal_models_are_refused(server: LocalTr
     assert grpc_status(info.value) == "INVALID_ARGUMENT"
     windows = np.zeros((9, 1, 96, 96, 96), np.float32)  # one more than the network's max_batch_size
     with pytest.raises(InferenceServerException, match="batch-size must be <= 8") as info:
-        client.infer(NETWORK_MODEL, [_tensor(grpcclient, WINDOW, windows, "FP32")], outputs=[grpcclient.InferRequestedOutput(LOGITS)])
+        client.infer(
+            NETWORK_MODEL,
+            [_tensor(grpcclient, WINDOW, windows, "FP32")],
+            outputs=[grpcclient.InferRequestedOutput(LOGITS)],
+        )
     assert grpc_status(info.value) == "INVALID_ARGUMENT"
     # postprocess's output size comes from oriented_shape: a tiny request must not allocate a huge map
     inputs = [
@@ -179,24 +189,11 @@ def test_direct_oversize_requests_to_internal_models_are_refused(server: LocalTr
 
 
 # --- 5. reject cheaply -------------------------------------------------------------------------------
-def wait_until_lean(server: LocalTritonServer, timeout_s: float = 90) -> None:
-    """Until no stage's stub holds a pool above the watchdog's bound (it reloads such models when idle)
-    and every reloaded model's old stub has exited."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stubs = stubs_of(server.pids())
-        large = [s for s in stubs if resident_bytes(s.region) > server.max_idle_pool_bytes and not s.model.startswith("segresnet_")]
-        if not large and len(stubs) == len({s.model for s in stubs}):  # one instance per model here
-            return
-        assert time.monotonic() < deadline, f"the watchdog left large pools on an idle server: {large}"
-        time.sleep(0.5)
-
-
 def test_oversize_volume_over_shared_memory_is_refused_without_keeping_memory(server: LocalTritonServer) -> None:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     shape = (300, 300, 280)  # 25 M voxels: 101 MB, over the 8 M input limit and the watchdog's 64 MiB pool bound
     volume = np.zeros(shape, np.float32)
-    wait_until_lean(server)
+    assert server.wait_lean(), "large pools stayed on the idle server"
     before = host_memory_bytes(server.pids())
     name = f"wholebody_test_{os.getpid()}"
     region = shm.create_shared_memory_region(name, f"/{name}", volume.nbytes)
@@ -214,9 +211,9 @@ def test_oversize_volume_over_shared_memory_is_refused_without_keeping_memory(se
     # The preprocess stub has copied the volume into its pool (Triton's Python backend copies every input;
     # clients refuse locally from the ensemble's max_input_voxels to avoid even that); the idle server
     # must not keep it: the watchdog reloads a stub holding a large pool within seconds.
-    wait_until_lean(server)
+    assert server.wait_lean(), "the watchdog left large pools on the idle server"
     grown = host_memory_bytes(server.pids()) - before
-    assert grown < volume.nbytes / 2, f"server memory grew by {grown / 2**20:.0f} MiB after a refused {volume.nbytes / 2**20:.0f} MiB volume"
+    assert grown < volume.nbytes / 2, f"grew by {grown / 2**20:.0f} MiB after a refused {volume.nbytes / 2**20:.0f} MiB"
 
 
 # --- 3. a dead stub: healed by the watchdog, reported by the health command without it -----------------
@@ -230,7 +227,9 @@ def _stub_of(server: LocalTritonServer, model: str) -> int:
     return next(pid for pid, name in stub_models(server.pids()).items() if name == model)
 
 
-def test_a_killed_stub_is_reported_then_healed_within_60_s(pipeline_server: LocalTritonServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_killed_stub_is_reported_then_healed_within_60_s(
+    pipeline_server: LocalTritonServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     server = pipeline_server
     client = grpcclient.InferenceServerClient(server.grpc_url)
     assert health.main(["-u", server.grpc_url, "--timeout", "60"]) == 0
@@ -256,7 +255,8 @@ def test_a_killed_stub_is_reported_then_healed_within_60_s(pipeline_server: Loca
         client.infer(ENSEMBLE, ensemble_inputs(grpcclient, small_image(), resolution="lowres"))
     assert grpc_status(info.value) == "INTERNAL"
     with pytest.raises(InferenceServerException) as http_info:
-        httpclient.InferenceServerClient(server.http_url).infer(ENSEMBLE, ensemble_inputs(httpclient, small_image(), resolution="lowres"))
+        http = httpclient.InferenceServerClient(server.http_url)
+        http.infer(ENSEMBLE, ensemble_inputs(httpclient, small_image(), resolution="lowres"))
     assert http_info.value.status() == "500"
     # without the watchdog (--no-watchdog, or tritonserver run bare): the liveness check fails
     assert health.main(["-u", server.grpc_url, "--timeout", "60"]) == 1
@@ -268,7 +268,7 @@ def test_a_killed_stub_is_reported_then_healed_within_60_s(pipeline_server: Loca
     watchdog = server.start_watchdog(interval_s=1.0)
     while True:
         try:
-            labels = client.infer(ENSEMBLE, ensemble_inputs(grpcclient, small_image(), resolution="lowres")).as_numpy(LABEL_MAP)
+            labels = segment(client, small_image())
             break
         except InferenceServerException:
             assert time.monotonic() - killed < 60, "not serving again 60 s after the stub died"
@@ -286,7 +286,15 @@ def test_a_killed_stub_is_reported_then_healed_within_60_s(pipeline_server: Loca
     time.sleep(2.5)
     assert not client.is_model_ready(NETWORK_MODEL)
     client.load_model(NETWORK_MODEL, headers=headers)
-    assert client.infer(ENSEMBLE, ensemble_inputs(grpcclient, small_image(), resolution="lowres")).as_numpy(LABEL_MAP) is not None
+    assert segment(client, small_image()).shape == small_image().shape
+
+    # a parameter out of range fails the load (it used to load and leave voxels unlabelled); the
+    # model already loaded keeps serving
+    config = client.get_model_config(SLIDING_WINDOW, as_json=True)["config"]
+    config["parameters"]["overlap"] = {"string_value": "-0.5"}
+    with pytest.raises(InferenceServerException, match=r"'overlap' must be in \[0.0, 1.0\), got -0.5"):
+        client.load_model(SLIDING_WINDOW, config=json.dumps(config), headers=headers)
+    assert segment(client, small_image()).shape == small_image().shape
 
 
 # --- 4. the launcher owns its processes ----------------------------------------------------------------
@@ -296,6 +304,14 @@ def _launch(repo: Path, ports: list[int], log: Path, ignore_sigint: bool = False
            "--metrics-port", str(ports[2]), "--log", str(log)]
     preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None  # a background job
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _children(pid: int) -> list[int]:
@@ -339,7 +355,7 @@ def test_launcher_stops_server_and_stubs_and_leaves_no_shared_memory(
         if launcher.poll() is None:
             launcher.kill()
     assert process_group(tritonserver) == [], f"processes left: {process_group(tritonserver)}"
-    assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] for pid in serving)
+    assert [pid for pid in serving if _alive(pid)] == []
     assert sorted(Path("/dev/shm").glob(f"wholebody_{launcher.pid}_*")) == []
     assert log.stat().st_size > 0
 
@@ -386,4 +402,5 @@ def test_the_watchdog_counts_the_stubs_a_config_asks_for() -> None:
     assert StubWatchdog.configured_stubs(pinned, gpus=8) == 4
     assert StubWatchdog.configured_stubs({"platform": "ensemble"}) == 0
     assert StubWatchdog.variable_size({"input": [{"dims": ["-1", "-1", "-1"]}]})
-    assert not StubWatchdog.variable_size({"input": [{"dims": ["1", "96", "96", "96"]}], "output": [{"dims": ["105", "96", "96", "96"]}]})
+    network = {"input": [{"dims": ["1", "96", "96", "96"]}], "output": [{"dims": ["105", "96", "96", "96"]}]}
+    assert not StubWatchdog.variable_size(network)

@@ -373,10 +373,13 @@ def tritonserver_args(
     return cmd + list(extra or [])
 
 
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: no dlopen in a forked child
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM it when the launcher dies (even by SIGKILL)."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 # --- the watchdog: a model whose stub died, or whose idle stub keeps a large pool, is reloaded ----------
@@ -607,6 +610,9 @@ class LocalTritonServer:
         return f"http://{self._client_host}:{self.metrics_port}/metrics"
 
     def command(self) -> list[str]:
+        if self.tritonserver is not None and self.backend_directory is None:
+            # <prefix>/bin/tritonserver next to <prefix>/backends, as in NVIDIA's container
+            self.backend_directory = Path(self.tritonserver).parent.parent / "backends"
         if self.tritonserver is None or self.backend_directory is None:
             install = install_tritonserver(self.cache)
             self.tritonserver = self.tritonserver or install.tritonserver
@@ -746,6 +752,21 @@ class LocalTritonServer:
             time.sleep(0.05)
         self.remove_shared_memory()
 
+    def wait_lean(self, timeout_s: float = 120) -> bool:
+        """Wait until no stage's stub holds a pool above `max_idle_pool_bytes` (the watchdog reloads
+        those when the server is idle) and the stubs replaced by reloads have exited (one instance per
+        model assumed). Returns False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            stubs = stubs_of(self.pids())
+            stages = [s for s in stubs if not s.model.startswith("segresnet_")]
+            if all(resident_bytes(s.region) <= self.max_idle_pool_bytes for s in stages) and len(stubs) == len(
+                {s.model for s in stubs}
+            ):
+                return True
+            time.sleep(0.5)
+        return False
+
     def shared_memory_files(self) -> list[Path]:
         """The /dev/shm regions of this server's Python backend stubs."""
         if not self.shm_region_prefix:
@@ -881,8 +902,8 @@ def main(argv: list[str] | None = None) -> int:
         "the cache; in NVIDIA's container /opt/tritonserver/bin/tritonserver)",
     )
     serve_parser.add_argument(
-        "--backend-directory", type=Path, help="backends folder (default: the cached one; in NVIDIA's container "
-        "/opt/tritonserver/backends)",
+        "--backend-directory", type=Path, help="backends folder (default: next to --tritonserver's bin/, else the "
+        "cached one; in NVIDIA's container /opt/tritonserver/backends)",
     )
     serve_parser.add_argument(
         "--operator-key-file", type=Path,
