@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import tritonclient.grpc as grpcclient
 
 from client.__main__ import main as client_main
 from client.cohort import MANIFEST_NAME, read_manifest
+from client.inputs import ScanError, discover
+from client.outputs import make_writers, plan_outputs
 from clinical import structures
 from clinical.dicom_seg import read_dicom_seg
 from clinical.dicom_series import read_ct_series, write_ct_series
@@ -241,3 +244,51 @@ def test_pacs_round_trip_from_the_cli(
                         "-o", str(out), "-u", server.grpc_url, "--resolution", "lowres", "-q"]) == 0
     assert len(requests.get(f"{orthanc.dicomweb}/studies/{STUDY}/series/{seg_series}/instances",
                             timeout=10).json()) == 1
+
+
+def test_discovery_names_every_series_distinctly(slabs: dict[str, nib.Nifti1Image], tmp_path: Path) -> None:
+    """No server: series named by SeriesNumber, by UID when numbers repeat; a .zip; a lone slice reported."""
+    small = crop(40, 43)
+    as_series(small, tmp_path / "in" / "p1" / "dicom", "1.2.826.0.1.3680043.8.498.51", 2)
+    as_series(small, tmp_path / "in" / "p1" / "dicom" / "more", "1.2.826.0.1.3680043.8.498.52", 3)
+    as_series(small, tmp_path / "in" / "p2", "1.2.826.0.1.3680043.8.498.53", 2)
+    as_series(small, tmp_path / "in" / "p2" / "again", "1.2.826.0.1.3680043.8.498.54", 2)
+    zipped = as_series(small, tmp_path / "zip", "1.2.826.0.1.3680043.8.498.55", 9)
+    with zipfile.ZipFile(tmp_path / "in" / "p3.ZIP", "w") as archive:
+        for f in zipped:
+            archive.write(f, f.name)
+    (tmp_path / "in" / "lone").mkdir()
+    (tmp_path / "in" / "lone" / "x.txt").write_text("a folder without DICOM")
+    single = tmp_path / "in" / "lone" / "slice.dcm"
+    single.write_bytes(zipped[0].read_bytes())
+    found = discover([tmp_path / "in"])
+    assert [(str(s.relative), s.series_uid) for s in found.scans] == [
+        ("lone/series9", "1.2.826.0.1.3680043.8.498.55"),  # a folder with one slice: a scan that fails to read
+        ("p1/dicom/series2", "1.2.826.0.1.3680043.8.498.51"), ("p1/dicom/series3", "1.2.826.0.1.3680043.8.498.52"),
+        ("p2/1.2.826.0.1.3680043.8.498.53", "1.2.826.0.1.3680043.8.498.53"),
+        ("p2/1.2.826.0.1.3680043.8.498.54", "1.2.826.0.1.3680043.8.498.54"),
+        ("p3/series9", "1.2.826.0.1.3680043.8.498.55")]
+    assert found.problems == []
+    with pytest.raises(ScanError, match=r"lone \(series 1\.2\.826\.0\.1\.3680043\.8\.498\.55\): has 1 slice"):
+        found.scans[0].read_header()
+    alone = discover([single])  # a DICOM file given by itself
+    assert alone.scans == [] and alone.problems == [
+        f"{single}: a DICOM file is one slice: give the folder (or .zip) holding its series"]
+    found.scans.pop(0)
+    plan = plan_outputs(found.scans, tmp_path / "out", make_writers(["nifti", "dicom-seg"], statistics=True), "_seg")
+    paths = [p for outputs in plan.values() for p in outputs]
+    assert len(paths) == len(set(paths)) == 5 * 4
+    volume = found.scans[4].read_volume()
+    np.testing.assert_array_equal(volume.array, np.asanyarray(small.dataobj))
+    assert volume.source_datasets is not None and len(volume.source_datasets) == 3
+
+
+def test_help_teaches_dicom_outputs_and_pacs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        client_main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for example in ("python -m client study/ -o labels/ --output-type nifti,dicom-seg", "--series-uid",
+                    "--statistics --preview", "--roi-subset liver spleen", "--dicomweb http://pacs:8042/dicom-web",
+                    "--store-seg"):
+        assert example in text, example
