@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
-    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module
+    for chatty in ("highdicom", "dicomweb_client"):  # an INFO line per copied DICOM module / per HTTP request
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.jobs < 1 or args.retries < 0 or (args.timeout is not None and args.timeout <= 0):
         parser.error("--jobs must be >= 1, --retries >= 0 and --timeout > 0")
     if args.dicomweb and (args.inputs or not args.study_uid):
