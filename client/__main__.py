@@ -1,4 +1,6 @@
-"""python -m client: segment CT scans (NIfTI) on one or several Triton servers and write their label maps."""
+"""python -m client: segment CT scans (NIfTI files, DICOM series, or a study pulled from a PACS over DICOMweb)
+on one or several Triton servers and write their label maps (NIfTI, DICOM-SEG, Slicer seg.nrrd), statistics
+and previews."""
 
 from __future__ import annotations
 
@@ -6,15 +8,23 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path, PurePath
+
+import numpy as np
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from client.cohort import MANIFEST_NAME, CohortOptions, Record, run_cohort
-from client.inputs import discover
-from client.outputs import NiftiLabelMapWriter, OutputError, check_output_dir, plan_outputs
+from client.cohort import MANIFEST_NAME, CohortOptions, CohortSummary, Record, run_cohort
+from client.inputs import DicomFormat, Discovery, NiftiFormat, discover
+from client.outputs import (OUTPUT_TYPES, DicomSegWriter, NiftiLabelMapWriter, OutputError, OutputWriter,
+                            check_output_dir, make_writers, plan_outputs)
 from client.segmentation_client import SegmentationClient, SegmentationError
+from clinical import structures
+from clinical.dicomweb import DicomWebError, pulled_study, store
+from clinical.statistics import structure_labels
 from wholebody.contract import RESOLUTIONS, VARIANTS
 
 log = logging.getLogger("client")
@@ -26,30 +36,56 @@ examples:
         # cohort/s0001/ct.nii.gz -> labels/s0001/ct_seg.nii.gz, ...
   python -m client cohort/ -o labels/ -u gpu1:8001 -u gpu2:8001 --jobs 2
         # spread over two servers, two requests in flight on each
+DICOM:
+  python -m client study/ -o labels/ --output-type nifti,dicom-seg
+        # one scan per CT series: labels/study/series3_seg.nii.gz and labels/study/series3_seg.dcm, ...
+  python -m client study.zip --series-uid 1.2.840.113619.2.55.3.1234 -o labels/
+        # only that series of the archive
+Outputs, statistics, structure subsets, previews:
+  python -m client ct.nii.gz --output-type nifti,seg-nrrd --statistics --preview
+        # ct_seg.nii.gz, ct_seg.seg.nrrd (3D Slicer), ct_statistics.json/.csv, ct_preview.png
+  python -m client ct.nii.gz --roi-subset liver spleen kidney_left kidney_right --statistics
+        # every output and the statistics keep only these structures
+PACS (DICOMweb: QIDO-RS/WADO-RS to pull, STOW-RS to store):
+  python -m client --dicomweb http://pacs:8042/dicom-web --study 1.2.3.4 --store-seg -o labels/
+        # pulls the study's CT series into a temporary folder (removed afterwards), segments each,
+        # keeps labels/1.2.3.4/<series UID>/series<N>_seg.dcm and stores each DICOM-SEG in the study
+  python -m client --dicomweb http://pacs:8042/dicom-web --study 1.2.3.4 --series 1.2.3.4.5 --store-seg
 
-Inputs: .nii/.nii.gz files (any letter case) and folders, searched recursively. A file that cannot
-be read as a 3-D CT gets one line naming it and the reason; the others go on.
+Inputs: .nii/.nii.gz files (any letter case), folders of DICOM files or .zip archives of them, and
+folders, searched recursively. A folder whose own files include DICOM is read with its sub-folders
+as one DICOM source; each CT series in it is a scan (other series, SEG, SR, localizers are skipped).
+A file or series that cannot be read as a 3-D CT gets one line naming it and the reason (uneven
+slice spacing, mixed geometry, ...); the others go on.
 Outputs mirror the inputs' folders below their common folder, under -o, so two scans never share
-an output; each file is written under a temporary name and renamed when complete. The label map
-has the input's grid, affine and header, uint8 voxels: 0 = background, 1..104 = the structures
-named by the server (see --summary).
-Resume: rerunning the same command skips scans whose outputs exist (--overwrite replaces them).
-Every scan's outcome is appended to -o/{MANIFEST_NAME} (JSON lines: input, outputs, status
-done/skipped/failed, server, seconds, error).
-Exit status: 0 if every scan was segmented or skipped, 1 if any failed (the others still run),
-2 on usage errors (bad -o, two scans with one output), found before any request.
+an output (a DICOM source's series go to a folder named after it, as series<SeriesNumber>, or by
+UID when numbers repeat); each file is written under a temporary name and renamed when complete.
+The label map has the input's grid and affine, uint8 voxels: 0 = background, 1..104 = the
+structures of clinical/structures.json (names, colours, SNOMED CT codes), which must equal the
+server's label_names. Output types (--output-type, comma-separated, default nifti): {", ".join(OUTPUT_TYPES)};
+dicom-seg only for DICOM inputs (it references the series' slices and joins its study).
+Resume: rerunning the same command skips scans all of whose outputs exist (--overwrite replaces
+them). Every scan's outcome is appended to -o/{MANIFEST_NAME} (JSON lines: input, series_uid,
+outputs, status done/skipped/failed, server, seconds, error).
+Exit status: 0 if every scan was segmented or skipped (and stored, with --store-seg), 1 if any failed
+(the others still run), 2 on usage errors (bad -o, two scans with one output, unknown structure
+names, dicom-seg for NIfTI inputs, a server whose label names differ), found before any request.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m client",
-        description="Segment 104 anatomical structures in CT scans with the wholeBody_ct_segmentation "
-        "model served by Triton, and write the label maps as NIfTI.",
+        description="Segment 104 anatomical structures in CT scans (NIfTI, DICOM, or a study on a PACS) with "
+        "the wholeBody_ct_segmentation model served by Triton, and write label maps (NIfTI, DICOM-SEG, "
+        "Slicer seg.nrrd), statistics and previews.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("inputs", nargs="+", type=Path, help="NIfTI CT files (.nii/.nii.gz) or folders of them")
+    parser.add_argument(
+        "inputs", nargs="*", type=Path,
+        help="NIfTI CT files (.nii/.nii.gz), DICOM folders or .zip files, or folders of them (none with --dicomweb)",
+    )
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="where label maps go (default: .)")
     parser.add_argument("--suffix", default="_seg", help="added to the input's name for the output (default: _seg)")
     parser.add_argument(
@@ -82,6 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retries", type=int, default=2, help="tries on other servers when a server fails (default: 2)"
     )
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument(
+        "--output-type", default="nifti", metavar="TYPES",
+        help=f"comma-separated label-map outputs: {', '.join(OUTPUT_TYPES)} (default: nifti); dicom-seg for DICOM "
+        "inputs only",
+    )
+    outputs.add_argument("--statistics", action="store_true",
+                         help="per structure: voxels, volume (mL), mean/std/min/max HU; <name>_statistics.json/.csv")
+    outputs.add_argument(
+        "--roi-subset", nargs="+", metavar="NAME",
+        help="keep only these structures (names as in clinical/structures.json, space- or comma-separated) in "
+        "every output and the statistics",
+    )
+    outputs.add_argument("--preview", action="store_true",
+                         help="<name>_preview.png: three orthogonal CT slices with the labels overlaid")
+    dicom = parser.add_argument_group("DICOM and PACS")
+    dicom.add_argument("--series-uid", "--series", dest="series_uid", metavar="UID",
+                       help="segment only this DICOM series (SeriesInstanceUID) of the DICOM inputs or the study")
+    dicom.add_argument("--dicomweb", metavar="URL",
+                       help="DICOMweb root of a PACS to pull the study from, e.g. http://pacs:8042/dicom-web")
+    dicom.add_argument("--study-uid", "--study", dest="study_uid", metavar="UID",
+                       help="StudyInstanceUID of the study to pull (with --dicomweb)")
+    dicom.add_argument("--store-seg", action="store_true",
+                       help="store each series' DICOM-SEG back in its study on the PACS (STOW-RS; implies dicom-seg)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping them")
     parser.add_argument("--summary", action="store_true", help="print the voxel count of every structure found")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors and the closing summary")
@@ -92,13 +152,104 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
+    for chatty in ("highdicom", "dicomweb_client"):  # an INFO line per copied DICOM module / per HTTP request
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.jobs < 1 or args.retries < 0 or (args.timeout is not None and args.timeout <= 0):
         parser.error("--jobs must be >= 1, --retries >= 0 and --timeout > 0")
+    if args.dicomweb and (args.inputs or not args.study_uid):
+        parser.error("--dicomweb takes --study UID and no input paths")
+    if not args.dicomweb and (args.study_uid or args.store_seg):
+        parser.error("--study and --store-seg need --dicomweb URL")
+    if not args.dicomweb and not args.inputs:
+        parser.error("give input paths, or --dicomweb URL --study UID")
+    output_types = [t.strip().lower() for t in args.output_type.split(",") if t.strip()]
+    if args.store_seg and "dicom-seg" not in output_types:
+        output_types.append("dicom-seg")
+    try:
+        writers = make_writers(output_types, statistics=args.statistics, preview=args.preview)
+    except ValueError as exc:
+        parser.error(str(exc))
+    label_filter = None
+    if args.roi_subset:
+        requested = [name for item in args.roi_subset for name in item.split(",") if name.strip()]
+        try:
+            label_filter = subset_filter(requested)
+        except ValueError as exc:
+            log.error("error: --roi-subset: %s", exc)
+            return 2
     urls = list(dict.fromkeys(args.urls or ["localhost:8001"]))
-    writers = [NiftiLabelMapWriter()]
     try:
         check_output_dir(args.output_dir)
-        found = discover(args.inputs, exclude=[args.output_dir])
+    except OutputError as exc:
+        log.error("error: %s", exc)
+        return 2
+    formats = (NiftiFormat(), DicomFormat(series_uid=args.series_uid))
+    if not args.dicomweb:
+        found = discover(args.inputs, formats, exclude=[args.output_dir])
+        return _segment(args, found, urls, writers, label_filter)
+    try:
+        with pulled_study(args.dicomweb, args.study_uid, args.series_uid) as folder:
+            found = discover([folder], formats, exclude=[args.output_dir])
+            # the temporary folder's name means nothing: outputs go under -o/<study UID>/<series UID>/
+            found.scans[:] = [replace(s, relative=PurePath(args.study_uid, *s.relative.parts)) for s in found.scans]
+            return _segment(args, found, urls, writers, label_filter)
+    except DicomWebError as exc:
+        log.error("error: %s", exc)
+        return 1
+
+
+def subset_filter(requested: Sequence[str]) -> Callable[[np.ndarray], np.ndarray]:
+    """A label-map filter keeping only the structures named (clinical/structures.json names).
+
+    Raises ValueError naming, for each unknown name, the closest valid ones (before any request)."""
+    lookup = np.zeros(256, dtype=np.uint8)
+    for label in structure_labels(requested, structures.label_names()):
+        lookup[label] = label
+
+    def keep(label_map: np.ndarray) -> np.ndarray:
+        return lookup[label_map]
+
+    return keep
+
+
+def check_label_names(urls: Sequence[str], timeout_s: float | None) -> str | None:
+    """None if every reachable server's label_names equal clinical/structures.json's names, else a
+    one-line error. Unreachable servers are left to the cohort run (it reports them)."""
+    ours = structures.label_names()
+    for url in urls:
+        try:
+            with SegmentationClient(url, timeout_s=timeout_s) as seg:
+                theirs = seg.label_names()
+        except SegmentationError:
+            continue
+        if theirs != ours:
+            at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+            got = theirs[at] if at < len(theirs) else "(none)"
+            want = ours[at] if at < len(ours) else "(none)"
+            return (f"server {url} names label {at} {got!r} where clinical/structures.json has {want!r} "
+                    f"({len(theirs)} vs {len(ours)} labels): it serves another bundle; use a client of that "
+                    "version or regenerate structures.json (python -m clinical.structures)")
+    return None
+
+
+def _segment(
+    args: argparse.Namespace, found: Discovery, urls: list[str], writers: list[OutputWriter],
+    label_filter: Callable[[np.ndarray], np.ndarray] | None,
+) -> int:
+    """Plan, check and run the cohort of `found`; store the DICOM-SEGs with --store-seg. Returns the exit status."""
+    if any(isinstance(w, DicomSegWriter) for w in writers):
+        not_dicom = [s for s in found.scans if s.series_uid is None]
+        if not_dicom:
+            log.error("error: --output-type dicom-seg needs DICOM inputs (it references the CT series), but %s "
+                      "%s NIfTI; segment NIfTI files without dicom-seg", ", ".join(str(s.source) for s in not_dicom[:3])
+                      + (f" and {len(not_dicom) - 3} more" if len(not_dicom) > 3 else ""),
+                      "is" if len(not_dicom) == 1 else "are")
+            return 2
+    if args.series_uid and not any(s.series_uid == args.series_uid for s in found.scans):
+        log.error("error: no CT series %s among the DICOM inputs; leave out --series-uid to list and segment "
+                  "every series", args.series_uid)
+        return 2
+    try:
         plan = plan_outputs(found.scans, args.output_dir, writers, args.suffix)
     except OutputError as exc:
         log.error("error: %s", exc)
@@ -107,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", problem)
     if not plan:
         return 1
+    if not all(isinstance(w, NiftiLabelMapWriter) for w in writers) or label_filter is not None:
+        if (mismatch := check_label_names(urls, args.timeout)) is not None:
+            log.error("error: %s", mismatch)
+            return 2
 
     label_names: list[str] | None = None
     if args.summary:
@@ -126,15 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet:
             return
         outputs = ", ".join(os.path.relpath(p) if not os.path.isabs(p) else p for p in record.outputs)
+        name = record.input + (f" (series {record.series_uid})" if record.series_uid else "")
         if record.status == "skipped":
-            bar.write(f"{record.input}: skipped, {outputs} exists (--overwrite replaces it)", file=sys.stdout)
+            bar.write(f"{name}: skipped, {outputs} exist (--overwrite replaces them)", file=sys.stdout)
             return
         counts = record.label_counts or {}
-        bar.write(f"{record.input} -> {outputs} ({len(counts)} structures, {record.server})", file=sys.stdout)
+        bar.write(f"{name} -> {outputs} ({len(counts)} structures, {record.server})", file=sys.stdout)
         if label_names is not None:
             for label, count in sorted(counts.items()):
-                name = label_names[label] if label < len(label_names) else str(label)
-                bar.write(f"  {name:<32} {count:>10,} voxels", file=sys.stdout)
+                structure = label_names[label] if label < len(label_names) else str(label)
+                bar.write(f"  {structure:<32} {count:>10,} voxels", file=sys.stdout)
 
     options = CohortOptions(
         output_dir=args.output_dir,
@@ -146,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         use_shared_memory=args.shared_memory,
         max_attempts=1 + args.retries,
         counts=True,
+        label_filter=label_filter,
     )
     try:
         with logging_redirect_tqdm():
@@ -156,12 +313,32 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bar.close()
     failed = summary.count("failed") + len(found.problems)
+    if args.store_seg:
+        failed += _store_segs(args.dicomweb, summary, writers)
     print(
         f"{summary.line()}{f'; {len(found.problems)} inputs not scans' if found.problems else ''}; "
         f"manifest: {args.output_dir / MANIFEST_NAME}",
         file=sys.stdout,
     )
     return 1 if failed else 0
+
+
+def _store_segs(url: str, summary: CohortSummary, writers: list[OutputWriter]) -> int:
+    """STOW-RS the DICOM-SEG of every scan segmented or skipped (a SEG stored again keeps its SOP Instance
+    UID, so a rerun completes an interrupted store without duplicates). Returns the number that failed."""
+    index = next(i for i, w in enumerate(writers) if isinstance(w, DicomSegWriter))
+    failed = stored = 0
+    for record in summary.records:
+        if record.status not in ("done", "skipped"):
+            continue
+        try:
+            store(url, [record.outputs[index]])
+            stored += 1
+        except DicomWebError as exc:
+            log.error("error: %s: storing %s: %s", record.input, record.outputs[index], exc)
+            failed += 1
+    print(f"stored {stored} DICOM-SEG{'s' if stored != 1 else ''} on {url}", file=sys.stdout)
+    return failed
 
 
 if __name__ == "__main__":

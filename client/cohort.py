@@ -69,6 +69,8 @@ class CohortOptions:
     use_shared_memory: bool | None = None  # None: for servers on this host
     max_attempts: int = 3  # tries of one scan over all servers when servers fail
     counts: bool = False  # count each label's voxels (Record.label_counts)
+    # applied to every label map before any writer sees it (e.g. a structure subset); [X, Y, Z] -> same
+    label_filter: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Record:
     write_seconds: float | None = None
     attempts: int = 0
     error: str | None = None
+    series_uid: str | None = None  # the DICOM series of `input` (a folder or .zip); None for a NIfTI file
     label_counts: dict[int, int] | None = field(default=None, repr=False)  # not in the manifest
 
     def to_json(self) -> str:
@@ -191,6 +194,7 @@ class _Run:
             input=str(item.scan.source),
             outputs=[str(p) for p in item.outputs],
             status=status,
+            series_uid=item.scan.series_uid,
             read_seconds=round(item.read_seconds, 3) if item.read_seconds else None,
             attempts=item.attempts,
             **fields,  # type: ignore[arg-type]
@@ -219,7 +223,7 @@ class _Run:
                 no_server = not self.live
                 self.outstanding += 1
             if no_server:
-                self.settle(item, "failed", error=f"{item.scan.source}: not attempted, no server is left")
+                self.settle(item, "failed", error=f"{item.scan.label}: not attempted, no server is left")
                 continue
             start = time.perf_counter()
             try:
@@ -228,12 +232,12 @@ class _Run:
                     self.limits.check(header, self.options.resolution)
                 item.volume = item.scan.read_volume()
             except (ScanError, SegmentationError) as exc:
-                message = str(exc) if str(exc).startswith(str(item.scan.source)) else f"{item.scan.source}: {exc}"
+                message = str(exc) if str(exc).startswith(str(item.scan.source)) else f"{item.scan.label}: {exc}"
                 self.settle(item, "failed", error=message)
                 continue
             except Exception as exc:  # a bug or the machine: this scan fails, the cohort goes on
-                log.exception("reading %s failed", item.scan.source)
-                self.settle(item, "failed", error=f"{item.scan.source}: cannot read it: {type(exc).__name__}: {exc}")
+                log.exception("reading %s failed", item.scan.label)
+                self.settle(item, "failed", error=f"{item.scan.label}: cannot read it: {type(exc).__name__}: {exc}")
                 continue
             item.read_seconds = time.perf_counter() - start
             self.ready.put(item)
@@ -277,16 +281,16 @@ class _Run:
                 with self.lock:
                     retry = item.attempts < self.options.max_attempts and bool(self.live)
                 if retry:
-                    log.warning("%s: %s; retrying on another server", item.scan.source, exc)
+                    log.warning("%s: %s; retrying on another server", item.scan.label, exc)
                     self.ready.put(item)
                     if not self.live:
                         self.fail_queued("no server is left")
                     return
-            self.settle(item, "failed", server=url, error=f"{item.scan.source}: {exc}")
+            self.settle(item, "failed", server=url, error=f"{item.scan.label}: {exc}")
             return
         except Exception as exc:  # e.g. no memory for a shared-memory region: this scan fails, the rest go on
-            log.exception("segmenting %s on %s failed", item.scan.source, url)
-            self.settle(item, "failed", server=url, error=f"{item.scan.source}: {type(exc).__name__}: {exc}")
+            log.exception("segmenting %s on %s failed", item.scan.label, url)
+            self.settle(item, "failed", server=url, error=f"{item.scan.label}: {type(exc).__name__}: {exc}")
             return
         self.finished.put(_Finished(item, label_map, url, time.perf_counter() - start))
 
@@ -309,7 +313,7 @@ class _Run:
                 item = self.ready.get_nowait()
             except queue.Empty:
                 return
-            self.settle(item, "failed", error=f"{item.scan.source}: {reason}")
+            self.settle(item, "failed", error=f"{item.scan.label}: {reason}")
 
     def write_all(self) -> None:
         while (finished := self.finished.get()) is not None:
@@ -317,16 +321,18 @@ class _Run:
             assert item.volume is not None
             start = time.perf_counter()
             try:
+                if self.options.label_filter is not None:
+                    finished.label_map = self.options.label_filter(finished.label_map)
                 for writer, path in zip(self.writers, item.outputs, strict=True):
                     writer.write(finished.label_map, item.volume, path)
             except Exception as exc:  # disk full, permissions, a writer's bug: this scan fails, the rest go on
                 if not isinstance(exc, OSError):
-                    log.exception("writing the outputs of %s failed", item.scan.source)
+                    log.exception("writing the outputs of %s failed", item.scan.label)
                 reason = f"{exc.strerror or exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
                 where = getattr(exc, "filename", None) or ", ".join(map(str, item.outputs))
                 self.settle(
                     item, "failed", server=finished.server, seconds=round(finished.seconds, 3),
-                    error=f"{item.scan.source}: cannot write {where}: {reason}",
+                    error=f"{item.scan.label}: cannot write {where}: {reason}",
                 )
                 continue
             counts = None
@@ -390,7 +396,7 @@ def run_cohort(
                 probe.close()
         if not run.live:
             for item in todo:
-                run.record(item, "failed", error=f"{item.scan.source}: not attempted: {'; '.join(problems)}")
+                run.record(item, "failed", error=f"{item.scan.label}: not attempted: {'; '.join(problems)}")
             return CohortSummary(run.records, time.perf_counter() - start)
         workers = [
             threading.Thread(target=run.serve, args=(url,), name=f"request-{url}-{i}", daemon=True)

@@ -1,9 +1,14 @@
 """Writing results: where each scan's outputs go, and the writers that make them.
 
 An output type is an `OutputWriter`: it names its file for a scan and writes it from the label map
-and the scan's `Volume`. Today there is one, the NIfTI label map; DICOM-SEG, seg.nrrd, statistics
-or a preview plug in as further writers. Every file is written under a hidden temporary name in its
-final folder and renamed when complete, so an interrupted run never leaves a partial result.
+and the scan's `Volume`: the NIfTI label map, a DICOM-SEG (DICOM inputs), a Slicer .seg.nrrd, the
+per-structure statistics (JSON and CSV: two writers sharing one computation) and a preview PNG.
+The formats themselves live in `clinical/`; the writers here only name files and pass arrays.
+Structure names, colours and codes come from `clinical.structures` (the server's `label_names` are
+checked against them once per run by the CLI). Every file is written under a hidden temporary name
+in its final folder and renamed when complete, so an interrupted run never leaves a partial result.
+
+    writers = make_writers(["nifti", "seg-nrrd"], statistics=True, preview=False)
 """
 
 from __future__ import annotations
@@ -20,6 +25,13 @@ import numpy as np
 from isal import igzip
 
 from client.inputs import Scan, Volume
+from clinical import structures
+from clinical.dicom_seg import write_dicom_seg
+from clinical.preview import write_preview
+from clinical.seg_nrrd import write_seg_nrrd
+from clinical.statistics import StructureStatistics, structure_statistics, write_statistics
+
+OUTPUT_TYPES = ("nifti", "dicom-seg", "seg-nrrd")  # label-map outputs; --output-type
 
 # ISA-L's level 1: for a 512x512x397 label map ~10x faster than zlib's level 1 (what nibabel uses)
 # at a similar size; label maps are long runs of few values.
@@ -100,6 +112,101 @@ class NiftiLabelMapWriter:
 
     def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
         write_nifti(label_map_image(label_map, volume.like), path)
+
+
+@dataclass(frozen=True)
+class DicomSegWriter:
+    """The label map as a DICOM-SEG referencing the scan's DICOM series (`clinical.dicom_seg`, its
+    default encoding: LABELMAP, RLE Lossless). Only for DICOM scans (`Volume.source_datasets`)."""
+
+    def output_name(self, scan: Scan, suffix: str) -> str:
+        return f"{scan.relative.name}{suffix}.dcm"
+
+    def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        if volume.source_datasets is None:
+            raise ValueError("a DICOM-SEG needs a DICOM input series to reference")
+        write_dicom_seg(label_map, volume.source_datasets, path)
+
+
+@dataclass(frozen=True)
+class SegNrrdWriter:
+    """The label map as a 3D Slicer segmentation (`.seg.nrrd`, named and coloured segments)."""
+
+    def output_name(self, scan: Scan, suffix: str) -> str:
+        return f"{scan.relative.name}{suffix}.seg.nrrd"
+
+    def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        write_seg_nrrd(path, label_map, volume.affine, structures.label_names(), structure_colors())
+
+
+def structure_colors() -> list[tuple[int, int, int]]:
+    """Display colour (r, g, b 0..255) per label value, from `clinical/structures.json`."""
+    return [s.color for s in structures.structures()]
+
+
+class StatisticsTable:
+    """The statistics of the latest label map, computed once for its JSON and CSV writers (which the
+    cohort's one writer thread calls one after the other with the same arrays)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._rows: list[StructureStatistics] = []
+
+    def rows(self, label_map: np.ndarray, volume: Volume) -> list[StructureStatistics]:
+        key = (id(label_map), id(volume))
+        if key != self._key:
+            self._rows = structure_statistics(label_map, volume.array, volume.affine, structures.label_names())
+            self._key = key
+        return self._rows
+
+
+@dataclass(frozen=True)
+class StatisticsWriter:
+    """Per-structure voxel count, volume (mL) and HU statistics (`clinical.statistics`) as `json` or `csv`."""
+
+    table: StatisticsTable
+    kind: str  # "json" | "csv"
+
+    def output_name(self, scan: Scan, suffix: str) -> str:
+        return f"{scan.relative.name}_statistics.{self.kind}"
+
+    def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        rows = self.table.rows(label_map, volume)
+        write_statistics(rows, json_path=path if self.kind == "json" else None,
+                         csv_path=path if self.kind == "csv" else None)
+
+
+@dataclass(frozen=True)
+class PreviewWriter:
+    """A PNG of three orthogonal CT slices with the labels in their colours (`clinical.preview`)."""
+
+    def output_name(self, scan: Scan, suffix: str) -> str:
+        return f"{scan.relative.name}_preview.png"
+
+    def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        write_preview(path, volume.array, volume.affine, label_map, structure_colors(), title=path.name)
+
+
+def make_writers(output_types: Sequence[str] = ("nifti",), statistics: bool = False,
+                 preview: bool = False) -> list[OutputWriter]:
+    """The writers for `output_types` (a subset of OUTPUT_TYPES, in that order) and the extras.
+
+    Raises ValueError naming the valid types for an unknown one, or when nothing would be written.
+    """
+    unknown = [t for t in output_types if t not in OUTPUT_TYPES]
+    if unknown:
+        raise ValueError(f"unknown output type {', '.join(unknown)}; choose from {', '.join(OUTPUT_TYPES)}")
+    by_type: dict[str, OutputWriter] = {
+        "nifti": NiftiLabelMapWriter(), "dicom-seg": DicomSegWriter(), "seg-nrrd": SegNrrdWriter()}
+    writers = [by_type[t] for t in OUTPUT_TYPES if t in output_types]
+    if statistics:
+        table = StatisticsTable()
+        writers += [StatisticsWriter(table, "json"), StatisticsWriter(table, "csv")]
+    if preview:
+        writers.append(PreviewWriter())
+    if not writers:
+        raise ValueError("no output requested; give --output-type, --statistics or --preview")
+    return writers
 
 
 def output_paths(scan: Scan, output_dir: Path, writers: Sequence[OutputWriter], suffix: str) -> list[Path]:

@@ -200,8 +200,64 @@ def read_ct_series(path: str | Path, series_uid: str | None = None) -> list[Dico
     return [_build(path, uid, files) for uid, files in series.items()]
 
 
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What a folder or .zip says of one of its CT series, from the headers alone (no pixel data)."""
+
+    series_uid: str
+    study_uid: str
+    series_number: int | None  # SeriesNumber, None when absent
+    description: str  # SeriesDescription
+    slices: int
+
+
+def find_ct_series(path: str | Path) -> list[SeriesInfo]:
+    """The CT series of a folder (recursively) or .zip, sorted by SeriesNumber then UID; reads headers only.
+
+    Returns an empty list when there is none (other files and non-CT series are skipped as in
+    `read_ct_series`). Raises DicomInputError when `path` does not exist.
+    """
+    series, _, _ = _scan(Path(path))
+    out = []
+    for uid, files in series.items():
+        first = files[0].header
+        number = first.get("SeriesNumber")
+        try:
+            number = int(number) if number not in (None, "") else None
+        except (TypeError, ValueError):
+            number = None
+        out.append(SeriesInfo(uid, str(first.get("StudyInstanceUID", "") or ""), number,
+                              str(first.get("SeriesDescription", "") or ""), len(files)))
+    return sorted(out, key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid))
+
+
+def read_ct_geometry(path: str | Path, series_uid: str) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape [X, Y, Z] and RAS affine [4, 4] of one CT series from its headers, without decoding pixels.
+
+    The same checks as `read_ct_series` on the geometry (raises DicomInputError likewise).
+    """
+    path = Path(path)
+    series, others, _ = _scan(path)
+    if series_uid not in series:
+        raise DicomInputError(f"{path}: no CT series {series_uid}; CT series there: "
+                              f"{', '.join(series) or 'none'}")
+    files, affine = _geometry(f"{path}: series {series_uid}", series[series_uid])
+    first = files[0].header
+    return (int(first.Columns), int(first.Rows), len(files)), affine
+
+
 def _build(path: Path, uid: str, files: list[_File]) -> DicomSeries:
     where = f"{path}: series {uid}"
+    files, affine = _geometry(where, files)
+    first = files[0].header
+    volume = _pixels(where, files)
+    datasets = [f.header for f in files]
+    return DicomSeries(uid, str(first.get("StudyInstanceUID", "")), volume, affine, datasets, str(path),
+                       str(first.get("SeriesDescription", "")))
+
+
+def _geometry(where: str, files: list[_File]) -> tuple[list[_File], np.ndarray]:
+    """The slices in Z order and the series' RAS affine; raises DicomInputError for a geometry refused."""
     first = files[0].header
     for f in files:
         h = f.header
@@ -245,14 +301,10 @@ def _build(path: Path, uid: str, files: list[_File]) -> DicomSeries:
     lps[:3, 2] = step
     lps[:3, 3] = positions[0]
     affine = LPS_TO_RAS @ lps
-
-    volume = _pixels(where, files)
-    datasets = [f.header for f in files]
     tilt = float(first.get("GantryDetectorTilt", 0) or 0)
     if abs(float(np.dot(step / np.linalg.norm(step), normal))) < 1 - 1e-6:
         log.info("%s: gantry tilt %.2f deg, sheared affine from the slice positions", where, tilt)
-    return DicomSeries(uid, str(first.get("StudyInstanceUID", "")), volume, affine, datasets, str(path),
-                       str(first.get("SeriesDescription", "")))
+    return files, affine
 
 
 def _pixels(where: str, files: list[_File]) -> np.ndarray:
