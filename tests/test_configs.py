@@ -89,7 +89,8 @@ def test_contract_names_match_configs() -> None:
 
 
 def test_cpu_configs_differ_from_gpu_configs_only_in_placement_and_defaults() -> None:
-    tunable = {"default_resolution", "default_network", "sw_batch_size", "memory_format", "huge_pages"}
+    tunable = {"default_resolution", "default_network", "sw_batch_size", "memory_format", "huge_pages",
+               "placement", "preload_networks", "blend_dtype", "network_config"}
     for cpu_path in MODEL_REPOSITORY.glob("*/configs/cpu.pbtxt"):
         gpu, cpu = parse(cpu_path.parent.parent / "config.pbtxt"), parse(cpu_path)
         assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
@@ -110,3 +111,20 @@ def test_label_names_are_served_in_bundle_order() -> None:
     if SHARED_LABELS.exists():  # the team's copy of the bundle's metadata, where it is at hand
         labels = json.loads(SHARED_LABELS.read_text())["labels"]
         assert names == [labels[str(i)] for i in range(len(labels))]
+
+
+def test_sliding_window_placement_parameters_are_valid() -> None:
+    """placement, blend_dtype and preload_networks take the values the stage accepts, in every config."""
+    from wholebody.sliding_window import BLEND_DTYPES
+    from wholebody.torch_network import PLACEMENTS
+
+    folder = MODEL_REPOSITORY / contract.SLIDING_WINDOW
+    for path in [folder / "config.pbtxt", *folder.glob("configs/*.pbtxt")]:
+        params = {k: v.string_value for k, v in parse(path).parameters.items()}
+        placement = params.get("placement", "bls")
+        assert placement in PLACEMENTS and params.get("blend_dtype", "float32") in BLEND_DTYPES
+        preload = [v for v in params.get("preload_networks", "").split(",") if v]
+        assert set(preload) <= set(contract.TORCH_VARIANTS) and (not preload or placement == "in_process")
+        assert params["default_network"] in contract.VARIANTS
+    gpu = {k: v.string_value for k, v in parse(folder / "config.pbtxt").parameters.items()}
+    assert gpu["placement"] == "in_process" and gpu["default_network"] == "torch_fp16"

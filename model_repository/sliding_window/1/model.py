@@ -19,10 +19,11 @@ from wholebody.contract import (
     WINDOW,
     network_model_name,
 )
-from wholebody.sliding_window import sliding_window_label_map
+from wholebody.sliding_window import BLEND_DTYPES, sliding_window_label_map
 from wholebody.triton_python import (
     PythonModel,
     choice_parameter,
+    in_process_networks,
     input_tensor,
     optional_string,
     output_tensor,
@@ -38,8 +39,13 @@ class TritonPythonModel(PythonModel):
         self.mode = required_parameter(self.params, "mode")
         self.padding_mode = required_parameter(self.params, "padding_mode")
         self.progress_every_s = float(self.params.get("progress_log_interval_s", "10"))
+        self.blend_dtype = BLEND_DTYPES[choice_parameter(self.params, "blend_dtype", list(BLEND_DTYPES), "float32")]
+        self.in_process = in_process_networks(self.params, args, self.device, self.logger)
 
     def predictor(self, model_name: str):
+        if self.in_process is not None:
+            return self.in_process.get(model_name)
+
         def predict(windows: torch.Tensor) -> torch.Tensor:
             request = pb_utils.InferenceRequest(
                 model_name=model_name,
@@ -78,5 +84,6 @@ class TritonPythonModel(PythonModel):
             mode=self.mode,
             padding_mode=self.padding_mode,
             progress=progress,
+            blend_dtype=self.blend_dtype,
         )
         return [output_tensor(RESAMPLED_LABEL_MAP, label_map)]
