@@ -126,5 +126,3 @@ def test_sliding_window_placement_parameters_are_valid() -> None:
         preload = [v for v in params.get("preload_networks", "").split(",") if v]
         assert set(preload) <= set(contract.TORCH_VARIANTS) and (not preload or placement == "in_process")
         assert params["default_network"] in contract.VARIANTS
-    gpu = {k: v.string_value for k, v in parse(folder / "config.pbtxt").parameters.items()}
-    assert gpu["placement"] == "in_process" and gpu["default_network"] == "torch_fp16"

@@ -89,16 +89,18 @@ def test_network_cache_loads_a_network_model_with_its_own_parameters(repository:
     torch.testing.assert_close(network(windows), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="need a GPU instance"):  # the fp16 model's config asks for a GPU
         NetworkCache(repository, torch.device("cpu")).get(network_model_name("lowres", "torch_fp16"))
-    with pytest.raises(ValueError, match="no network model 'segresnet_lowres_trt_fp16'"):
+    with pytest.raises(ValueError, match="TensorRT plan: it runs by BLS only"):
         cache.get(network_model_name("lowres", "trt_fp16"))
+    with pytest.raises(ValueError, match="no network model 'segresnet_lowres_torch_bf16'"):
+        cache.get("segresnet_lowres_torch_bf16")
 
 
-def test_a_tensorrt_plan_is_refused_in_process(tmp_path: Path) -> None:
-    folder = tmp_path / "segresnet_lowres_trt_fp16"
+def test_a_model_of_another_backend_is_refused_in_process(tmp_path: Path) -> None:
+    folder = tmp_path / "segresnet_lowres_onnx"
     folder.mkdir()
-    (folder / "config.pbtxt").write_text('name: "segresnet_lowres_trt_fp16"\nplatform: "tensorrt_plan"\n')
+    (folder / "config.pbtxt").write_text('name: "segresnet_lowres_onnx"\nbackend: "onnxruntime"\n')
     with pytest.raises(ValueError, match="runs by BLS only"):
-        NetworkCache(tmp_path, torch.device("cpu")).get("segresnet_lowres_trt_fp16")
+        NetworkCache(tmp_path, torch.device("cpu")).get("segresnet_lowres_onnx")
 
 
 @pytest.mark.parametrize("shape", [(120, 100, 170), (40, 30, 20)])

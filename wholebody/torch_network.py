@@ -29,7 +29,7 @@ import torch
 from google.protobuf import text_format
 
 from wholebody.bundle import build_network, load_checkpoint
-from wholebody.contract import IN_CHANNELS, ROI_SIZE
+from wholebody.contract import IN_CHANNELS, ROI_SIZE, TRT_VARIANTS
 from wholebody.layout import channels_last
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,8 @@ class NetworkCache:
 
         Raises ValueError for a model that is not a torch network model of the repository.
         """
+        if model_name.endswith(TRT_VARIANTS):
+            raise ValueError(f"{model_name} is a TensorRT plan: it runs by BLS only (sliding_window's placement 'bls')")
         if model_name not in self.networks:
             model_dir = self.repository / model_name
             config = model_dir / self.config_file
