@@ -111,7 +111,7 @@ class Session:
         return repo
 
     def server(self, repo: Path, models: list[str], pool: str, name: str) -> LocalTritonServer:
-        extra = [pool, "--pinned-memory-pool-byte-size=268435456"] if self.gpu else []
+        extra = [pool, "--pinned-memory-pool-byte-size=268435456", "--allow-gpu-metrics=true"] if self.gpu else []
         return LocalTritonServer(
             model_repository=repo, models=models, config_name=None if self.gpu else "cpu", extra_args=extra,
             log_path=self.out / f"tritonserver-{name}.log", startup_timeout_s=600,
