@@ -338,7 +338,8 @@ def stage_reference(s: Session) -> None:
         for name in ("served", "baseline"):
             served_path = s.work / f"{name}_{resolution}_397.nii.gz"
             if served_path.exists():
-                figures[key][f"agreement_{name}"] = float((np.asarray(nib.load(served_path).dataobj) == reference).mean())
+                served = np.asarray(nib.load(served_path).dataobj)
+                figures[key][f"agreement_{name}"] = float((served == reference).mean())
         log.info("reference %s: %s", key, figures[key])
         s.save("reference", figures)
 
@@ -410,7 +411,9 @@ def stage_transfer(s: Session) -> None:
                 times.append(time.perf_counter() - start)
         finally:
             shm.destroy_shared_memory_region(handle)
-        figures[dtype] = {"bytes": int(array.nbytes), "convert_s": convert_s, "to_shared_memory_s": statistics.median(times)}
+        figures[dtype] = {
+            "bytes": int(array.nbytes), "convert_s": convert_s, "to_shared_memory_s": statistics.median(times),
+        }
         if s.gpu:
             import torch
 
@@ -453,13 +456,11 @@ def stage_summary(s: Session) -> None:
     r = s.results
     new, old, ref = r.get("served", {}), r.get("baseline", {}), r.get("reference", {})
     lines = [f"# GPU session: {json.dumps(machine_info().get('gpus'))}", ""]
-    lines += ["| measure (512x512x397) | goal | fp16 in-process (candidate) | torch_fp32 by BLS (old) | MONAI reference |",
-              "|---|---|---|---|---|"]
+    lines += ["| measure (512x512x397) | goal | fp16 in-process (candidate) | torch_fp32 by BLS (old) "
+              "| MONAI reference |", "|---|---|---|---|---|"]
     for resolution, goal in (("highres", GOAL_SERVER_S), ("lowres", GOAL_LOWRES_S)):
-        lines.append(
-            f"| perf_analyzer end2end {resolution}, s | <= {goal} | {fmt(perf_latency_s(s, resolution, s.variant(True)), 3)} "
-            f"| {fmt(perf_latency_s(s, resolution, 'torch_fp32'), 3)} | |"
-        )
+        fast, fp32 = perf_latency_s(s, resolution, s.variant(True)), perf_latency_s(s, resolution, "torch_fp32")
+        lines.append(f"| perf_analyzer end2end {resolution}, s | <= {goal} | {fmt(fast, 3)} | {fmt(fp32, 3)} | |")
     for resolution in ("highres", "lowres"):
         n, o = new.get(f"{resolution}_397", {}), old.get(f"{resolution}_397", {})
         reference = ref.get(f"{resolution}_amp", {})
@@ -477,7 +478,8 @@ def stage_summary(s: Session) -> None:
         )
         lines.append(
             f"| {resolution} GPU peak on the card, GiB | {'<= 8' if resolution == 'highres' else ''} "
-            f"| {fmt(n.get('gpu_peak_gib'))} | {fmt(o.get('gpu_peak_gib'))} | {fmt(reference.get('gpu_peak_gb'))} (torch reserved) |"
+            f"| {fmt(n.get('gpu_peak_gib'))} | {fmt(o.get('gpu_peak_gib'))} "
+            f"| {fmt(reference.get('gpu_peak_gb'))} (torch reserved) |"
         )
         agree = {k: fmt(100 * reference[f"agreement_{k}"], 4) if f"agreement_{k}" in reference else "n/a"
                  for k in ("served", "baseline")}
@@ -487,7 +489,8 @@ def stage_summary(s: Session) -> None:
     lines.append(f"| highres 512x512x800: client s / GPU peak GiB | <= 8 GiB | {fmt(big.get('total_s'))} / "
                  f"{fmt(big.get('gpu_peak_gib'))} | | |")
     lines.append(f"| GPU idle after load / after requests, GiB | | {fmt(new.get('gpu_idle_gib'))} / "
-                 f"{fmt(new.get('gpu_idle_after_gib'))} | {fmt(old.get('gpu_idle_gib'))} / {fmt(old.get('gpu_idle_after_gib'))} | |")
+                 f"{fmt(new.get('gpu_idle_after_gib'))} | {fmt(old.get('gpu_idle_gib'))} / "
+                 f"{fmt(old.get('gpu_idle_after_gib'))} | |")
     lines += ["", "```json", json.dumps({k: r.get(k) for k in ("forward", "write", "transfer")}, indent=1), "```"]
     (s.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

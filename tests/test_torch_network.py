@@ -82,7 +82,8 @@ def test_network_cache_loads_a_network_model_with_its_own_parameters(repository:
     name = network_model_name("lowres", "torch_fp32")
     network = cache.get(name)
     assert cache.get(name) is network  # loaded once
-    assert network.settings == NetworkSettings.from_parameters(model_parameters(repository / name / "configs/cpu.pbtxt"))
+    config = repository / name / "configs" / "cpu.pbtxt"
+    assert network.settings == NetworkSettings.from_parameters(model_parameters(config))
     windows = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = load_network(test_bundle, "lowres")(windows)

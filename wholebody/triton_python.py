@@ -233,7 +233,6 @@ class TorchNetworkModel(PythonModel):
         self.net = None  # type: ignore[assignment]
 
 
-
 def in_process_networks(
     params: dict[str, str], args: dict[str, str], device: torch.device, logger: logging.Logger
 ) -> NetworkCache | None:
