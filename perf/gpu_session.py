@@ -47,7 +47,7 @@ from client.segmentation_client import SegmentationClient, ct_array, read_ct, wr
 from perf.reference_comparison import compute_seconds, run_reference
 from perf.run import MemorySampler, gpu_memory_from_nvidia_smi, machine_info
 from wholebody.bundle import copy_model_repository, install_bundle, make_test_bundle
-from wholebody.contract import ENSEMBLE, POSTPROCESS, PREPROCESS, SLIDING_WINDOW, network_model_name
+from wholebody.contract import ENSEMBLE, POSTPROCESS, PREPROCESS, RESOLUTIONS, SLIDING_WINDOW, network_model_name
 from wholebody.sample_data import synthetic_ct
 from wholebody.triton_server import LocalTritonServer
 
@@ -64,8 +64,42 @@ OLD_POOL = "--cuda-memory-pool-byte-size=0:8589934592"  # the previous default: 
 # The candidate GPU settings of model_repository/sliding_window/config.pbtxt that this session measures.
 FAST_GPU_PARAMETERS = {
     "placement": "in_process", "blend_dtype": "float16", "default_network": "torch_fp16",
-    "preload_networks": "torch_fp16",
+    "preload_networks": "torch_fp16", "release_cuda_cache": "yes",
 }
+
+
+def torch_fp16_config(resolution: str) -> str:
+    """config.pbtxt of the GPU-only network model segresnet_<resolution>_torch_fp16 (measured here only).
+
+    `.half()` weights, compiled by torch.compile for batches of 8 windows (smaller batches padded),
+    warmed up at load; the contract of every network model (window FP32 [batch, 1, 96, 96, 96] in,
+    logits FP32 [batch, 105, 96, 96, 96] out). It is not in model_repository/: no GPU has run it yet,
+    and `tritonserver --model-repository=model_repository` loads every model there.
+    """
+    name = network_model_name(resolution, "torch_fp16")
+    params = {
+        "precision": "fp16", "checkpoint": RESOLUTIONS[resolution].checkpoint, "memory_format": "contiguous",
+        "compile": "default", "fixed_batch": "8", "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+    }
+    lines = [
+        f'name: "{name}"', 'backend: "python"', "max_batch_size: 8",
+        'input [ { name: "window" data_type: TYPE_FP32 dims: [ 1, 96, 96, 96 ] } ]',
+        'output [ { name: "logits" data_type: TYPE_FP32 dims: [ 105, 96, 96, 96 ] } ]',
+        "dynamic_batching { }", "instance_group [ { kind: KIND_GPU count: 1 } ]",
+    ]
+    return set_parameters("\n".join(lines) + "\n", **params)
+
+
+def add_torch_fp16_models(repo: Path) -> None:
+    """Add segresnet_{highres,lowres}_torch_fp16 to a copy of the model repository (before install_bundle).
+
+    Their model.py is the torch_fp32 models' own (the one TorchNetworkModel of wholebody.triton_python).
+    """
+    for resolution in RESOLUTIONS:
+        folder = repo / network_model_name(resolution, "torch_fp16")
+        (folder / "1").mkdir(parents=True, exist_ok=True)
+        (folder / "config.pbtxt").write_text(torch_fp16_config(resolution))
+        shutil.copyfile(repo / network_model_name(resolution, "torch_fp32") / "1" / "model.py", folder / "1" / "model.py")
 
 
 class Session:
@@ -101,7 +135,8 @@ class Session:
         repo = self.work / name / "model_repository"
         if repo.exists():
             shutil.rmtree(repo.parent)
-        install_bundle(self.bundle(), copy_model_repository(repo))
+        add_torch_fp16_models(copy_model_repository(repo))
+        install_bundle(self.bundle(), repo)
         sw = repo / SLIDING_WINDOW / ("configs/cpu.pbtxt" if not self.gpu else "config.pbtxt")
         if self.tiny and not self.gpu:  # the CPU dry run: the same code path, CPU network
             sw.write_text(set_parameters(sw.read_text(), placement="in_process", blend_dtype="float16",

@@ -13,6 +13,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
+from perf.gpu_session import add_torch_fp16_models
 from tests.test_pipeline import ROI, TinyNetwork
 from wholebody.bundle import copy_model_repository, install_bundle, load_network
 from wholebody.contract import RESOLUTIONS, TORCH_VARIANTS, network_model_name
@@ -25,6 +26,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory, test_bundle: Path) -> Path:
     repo = copy_model_repository(tmp_path_factory.mktemp("networks") / "model_repository")
+    add_torch_fp16_models(repo)  # as the GPU session does
     install_bundle(test_bundle, repo)
     return repo
 
@@ -64,12 +66,10 @@ def test_fp16_and_compile_are_refused_on_the_cpu(repository: Path) -> None:
         TorchNetwork(version, NetworkSettings("model_lowres.pt", compile="default"), torch.device("cpu"))
 
 
-def test_every_torch_network_config_is_a_valid_setting() -> None:
-    from wholebody.contract import MODEL_REPOSITORY
-
+def test_every_torch_network_config_is_a_valid_setting(repository: Path) -> None:
     for resolution in RESOLUTIONS:
         for variant in TORCH_VARIANTS:
-            folder = MODEL_REPOSITORY / network_model_name(resolution, variant)
+            folder = repository / network_model_name(resolution, variant)
             for config in [folder / "config.pbtxt", *folder.glob("configs/*.pbtxt")]:
                 settings = NetworkSettings.from_parameters(model_parameters(config))
                 assert settings.checkpoint == RESOLUTIONS[resolution].checkpoint

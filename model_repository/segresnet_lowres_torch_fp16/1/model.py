@@ -1,3 +1,0 @@
-"""PyTorch network model; the implementation is shared by every segresnet_*_torch_* model."""
-
-from wholebody.triton_python import TorchNetworkModel as TritonPythonModel  # noqa: F401
