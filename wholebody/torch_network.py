@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from google.protobuf import text_format
-
 from wholebody.bundle import build_network, load_checkpoint
-from wholebody.contract import IN_CHANNELS, ROI_SIZE, TRT_VARIANTS
+from wholebody.contract import IN_CHANNELS, ROI_SIZE, TORCH_VARIANTS, TRT_VARIANTS
 from wholebody.layout import channels_last
+from wholebody.served_models import model_config
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +89,27 @@ class NetworkSettings:
             compile=params.get("compile") or "none",
             fixed_batch=fixed_batch,
         )
+
+
+def placement_parameters(params: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The sliding-window stage's `placement` and `preload_networks` parameters, checked.
+
+    `placement`: `bls` (default) or `in_process`; `preload_networks`: comma-separated torch
+    variants, only with `in_process`. Raises ValueError naming the parameter and the fix, also for a
+    `default_network` that is a TensorRT plan under `in_process` (plans run by BLS only).
+    """
+    placement = _choice(params, "placement", PLACEMENTS, "bls")
+    preload = [v.strip() for v in (params.get("preload_networks") or "").split(",") if v.strip()]
+    unknown = [v for v in preload if v not in TORCH_VARIANTS]
+    if unknown:
+        raise ValueError(f"parameter 'preload_networks' names {unknown}; choose from {list(TORCH_VARIANTS)}")
+    if preload and placement != "in_process":
+        raise ValueError("parameter 'preload_networks' needs placement 'in_process'")
+    default = params.get("default_network", "")
+    if placement == "in_process" and default in TRT_VARIANTS:
+        raise ValueError(f"default_network {default!r} is a TensorRT plan: it runs by BLS only; set placement 'bls' "
+                         f"or a torch default_network ({', '.join(TORCH_VARIANTS)})")
+    return placement, preload
 
 
 class TorchNetwork:
@@ -181,9 +201,7 @@ def model_parameters(config_path: Path) -> dict[str, str]:
 
     Raises ValueError when the model is not served by the Python backend (a TensorRT plan).
     """
-    from tritonclient.grpc import model_config_pb2  # Triton's protobuf schema, no server needed
-
-    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    config = model_config(config_path)
     if config.backend != "python":
         raise ValueError(f"{config.name or config_path.parent.name} is not a PyTorch network model "
                          f"(platform {config.platform or config.backend!r}): it runs by BLS only")
@@ -219,7 +237,9 @@ class NetworkCache:
                 raise ValueError(f"no network model {model_name!r} in {self.repository} (no {self.config_file})")
             settings = NetworkSettings.from_parameters(model_parameters(config))
             network = TorchNetwork(model_dir / self.version, settings, self.device)
-            seconds = network.warm_up()
+            # as the network model does: compile (and cuDNN's autotuning) before the first request; an
+            # eager CPU network has nothing to warm up (a forward there costs seconds)
+            seconds = network.warm_up() if settings.compile != "none" or self.device.type == "cuda" else 0.0
             self.logger.info(
                 "in-process network %s: %s (%s, %s, compile %s, batch %s) on %s, warm-up %.1f s",
                 model_name, network.checkpoint.name, settings.precision, settings.memory_format,

@@ -21,9 +21,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from wholebody.contract import LOGITS, RESOLUTIONS, TORCH_VARIANTS, WINDOW, network_model_name
+from wholebody.contract import LOGITS, RESOLUTIONS, WINDOW, network_model_name
 from wholebody.memory import enable_huge_pages
-from wholebody.torch_network import PLACEMENTS, NetworkCache, NetworkSettings, TorchNetwork
+from wholebody.torch_network import NetworkCache, NetworkSettings, TorchNetwork, placement_parameters
 
 
 def model_logger(args: dict[str, str]) -> logging.Logger:
@@ -156,6 +156,10 @@ class PythonModel:
     """What every Python-backend model of the repository does: `initialize` sets the instance's
     logger, device and config parameters, applies `huge_pages`, then calls `configure`; `execute`
     answers each request with `handle`'s output tensors or that request's own error.
+
+    `release_cuda_cache` (`yes`/`no`, default `no`): on a GPU instance, give the cached CUDA memory
+    back after every batch of requests. Unmeasured: it lowers the card's peak when stages share it,
+    and can slow the next request (its allocations start from the driver again).
     """
 
     def initialize(self, args: dict[str, str]) -> None:
@@ -163,6 +167,7 @@ class PythonModel:
         self.device = instance_device(args)
         self.params = parameters(args)
         apply_huge_pages(self.params, self.logger)
+        self.release_cuda_cache = choice_parameter(self.params, "release_cuda_cache", ("yes", "no"), "no") == "yes"
         self.configure(args)
 
     def configure(self, args: dict[str, str]) -> None:
@@ -173,7 +178,8 @@ class PythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = respond_each(requests, self.handle, self.logger)
-        release_cuda_cache(self.device)
+        if self.release_cuda_cache:
+            release_cuda_cache(self.device)
         return responses
 
 
@@ -245,14 +251,8 @@ def in_process_networks(
     (comma-separated torch variants loaded and warmed up here at load, for both resolutions; others
     load on first use). TensorRT plans are refused per request (they run by BLS only).
     """
-    placement = choice_parameter(params, "placement", PLACEMENTS, default="bls")
-    preload = [v.strip() for v in params.get("preload_networks", "").split(",") if v.strip()]
-    unknown = [v for v in preload if v not in TORCH_VARIANTS]
-    if unknown:
-        raise ValueError(f"parameter 'preload_networks' names {unknown}; choose from {list(TORCH_VARIANTS)}")
+    placement, preload = placement_parameters(params)
     if placement == "bls":
-        if preload:
-            raise ValueError("parameter 'preload_networks' needs placement 'in_process'")
         return None
     repository = Path(args["model_repository"]).parent
     cache = NetworkCache(repository, device, params.get("network_config") or "config.pbtxt", logger=logger)
