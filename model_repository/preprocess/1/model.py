@@ -17,7 +17,6 @@ from wholebody.contract import (
     RESOLUTIONS,
     RESOLVED_RESOLUTION,
 )
-from wholebody.memory import release_shared_pages
 from wholebody.preprocessing import InvalidVolumeError, check_volume, estimated_resampled_voxels, preprocess
 from wholebody.triton_python import (
     PythonModel,
@@ -52,10 +51,6 @@ class TritonPythonModel(PythonModel):
                 f"{self.max_resampled_voxels:,}; use resolution 'lowres', crop the image, or raise max_resampled_voxels"
             )
         result = preprocess(image, affine, pixdim, resample_dtype=self.resample_dtype)
-        # the input's copy in this stub's shared-memory pool is done with: free its pages (the pool keeps
-        # them otherwise, 0.42 GB for a 512x512x397 CT, through the sliding window's peak)
-        freed = release_shared_pages(image, keep=[result.image])
-        self.logger.debug("released %.0f MB of the input's pages", freed / 1e6)
         return [
             output_tensor(NORMALIZED_IMAGE, result.image),
             output_tensor(RESAMPLED_AFFINE, result.affine.cpu()),
