@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import text_format
 
 from wholebody.contract import SLIDING_WINDOW, TORCH_VARIANTS
 
+if TYPE_CHECKING:
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
 
-def model_config(config_path: Path):  # -> tritonclient.grpc.model_config_pb2.ModelConfig
+
+def model_config(config_path: Path) -> ModelConfig:
     """A config.pbtxt parsed with Triton's own protobuf schema (google.protobuf.text_format.ParseError if bad)."""
     from tritonclient.grpc import model_config_pb2  # Triton's schema, no server needed
 
@@ -50,8 +54,9 @@ def is_torch_network_model(name: str) -> bool:
 def models_to_load(model_repository: Path, config_name: str | None, models: Iterable[str]) -> list[str]:
     """`models` without the torch network models when the sliding-window stage runs them in-process.
 
-    The launcher's one change to use it (`wholebody/triton_server.py`, `LocalTritonServer.command`):
-    `models = models_to_load(self.model_repository, self.config_name, models_with_config(...))`.
+    Used by `make demo` and `python -m perf.reference_comparison`. `LocalTritonServer(models=None)`
+    still loads every model that has the config (the tests' server: perf_analyzer's
+    model-computation row needs the network models).
     """
     models = list(models)
     if SLIDING_WINDOW not in models or sliding_window_placement(model_repository, config_name) != "in_process":

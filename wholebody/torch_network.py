@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from wholebody.bundle import build_network, load_checkpoint
 from wholebody.contract import IN_CHANNELS, ROI_SIZE, TORCH_VARIANTS, TRT_VARIANTS
 from wholebody.layout import channels_last
