@@ -38,7 +38,7 @@ from perf.scenarios import (
     write_inputs,
 )
 from perf.tables import measured, write_tables
-from wholebody.contract import MODEL_REPOSITORY, REPO_ROOT, RESOLUTIONS, VARIANTS
+from wholebody.contract import MODEL_REPOSITORY, REPO_ROOT, RESOLUTIONS, SLIDING_WINDOW, VARIANTS
 
 log = logging.getLogger("perf")
 
@@ -270,11 +270,13 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("memory not measured: pass --server-pid PID of a local server, or --start-server")
         done: list[Run] = []
         for i, scenario in enumerate(scenarios, 1):
-            runs = plan_runs(scenario, set(info["models"]))
+            in_process = info["models"].get(SLIDING_WINDOW, {}).get("placement") == "in_process"
+            runs = plan_runs(scenario, set(info["models"]), in_process=in_process)
             log.info("[%d/%d] %s (%s, %s): %d run(s)", i, len(scenarios), scenario.name, scenario.resolution,
                      scenario.description or scenario.kind, len(runs))
             for j, run in enumerate(runs, 1):
-                run.device = info["models"].get(run.network_model, {}).get("device", "")
+                where = SLIDING_WINDOW if run.network_in_process else run.network_model
+                run.device = info["models"].get(where, {}).get("device", "")
                 log.info("  (%d/%d) %s %s, concurrency %d", j, len(runs), run.model, run.variant, run.concurrency)
                 if run.status == "not available":
                     log.info("    skipped: %s", run.reason)

@@ -4,7 +4,8 @@
     python -m perf.reference_comparison --bundle /path/to/wholeBody_ct_segmentation --cases example_ct
 
 For each CT it starts a local Triton server (CPU configs) on a temporary copy of the model repository
-with the bundle installed, loading only the models the request needs, segments the CT through the
+with the bundle installed, loading only the models the request needs (no network model when the
+sliding-window stage runs the network in its own process, `placement: in_process`), segments the CT through the
 ensemble with the gRPC client and samples the memory of the server's whole process group (server and Python stubs:
 private memory plus each shared-memory file, counted once; perf.run.host_memory_bytes). Then it runs the reference
 pipeline (wholebody.reference) in a child process with the same weights, sampled the same way. It prints one table;
@@ -39,6 +40,7 @@ from wholebody.contract import (
     network_model_name,
 )
 from wholebody.reference import reference_segmentation
+from wholebody.served_models import models_to_load
 from wholebody.sample_data import real_ct, synthetic_ct
 from wholebody.triton_server import DEFAULT_CACHE, LocalTritonServer
 
@@ -61,14 +63,18 @@ def run_served(
     `warmup` untimed requests go first (CUDA context, cuDNN autotuning on a GPU).
     """
     network = network_model_name(resolution, variant)
-    stages = {"pre": PREPROCESS, "sliding window": SLIDING_WINDOW, "invert": POSTPROCESS, "network": network}
+    gpu = device == "gpu"
+    config_name = None if gpu else "cpu"
     with tempfile.TemporaryDirectory(prefix="served-") as tmp:
         repo = Path(tmp) / "model_repository"
         install_bundle(bundle, copy_model_repository(repo))
-        models = [ENSEMBLE, PREPROCESS, SLIDING_WINDOW, POSTPROCESS, network]
-        gpu = device == "gpu"
+        # the network model only where the sliding window calls it by BLS (not with placement in_process)
+        models = models_to_load(repo, config_name, [ENSEMBLE, PREPROCESS, SLIDING_WINDOW, POSTPROCESS, network])
+        stages = {"pre": PREPROCESS, "sliding window": SLIDING_WINDOW, "invert": POSTPROCESS}
+        if network in models:
+            stages["network"] = network
         extra = ["--cuda-memory-pool-byte-size=0:8589934592", "--pinned-memory-pool-byte-size=268435456"] if gpu else []
-        server = LocalTritonServer(model_repository=repo, models=models, config_name=None if gpu else "cpu", extra_args=extra)
+        server = LocalTritonServer(model_repository=repo, models=models, config_name=config_name, extra_args=extra)
         with server:
             stats_client = grpcclient.InferenceServerClient(server.grpc_url)
             image = read_ct(ct)
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| CT | pipeline | total s | pre s | sliding window s (network s) | post/invert s | write s | {memory} | labels equal |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case, served, reference, equal in rows:
+        network = f"{served['network']:.2f}" if "network" in served else "in process"
         served_memory = (
             f"{served['gpu_peak_gb']:.2f} (idle {served['gpu_idle_gb']:.2f})" if gpu
             else f"{served['peak_gb']:.2f} (idle {served['idle_gb']:.2f})"
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"| {case} | served (Triton, client time) | {served['total']:.2f} | {served['pre']:.2f} | "
-            f"{served['sliding window']:.2f} ({served['network']:.2f}) | {served['invert']:.2f} | {served['write']:.2f} | "
+            f"{served['sliding window']:.2f} ({network}) | {served['invert']:.2f} | {served['write']:.2f} | "
             f"{served_memory} | {100 * equal:.4f} % |"
         )
         print(

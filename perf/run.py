@@ -100,6 +100,7 @@ def server_info(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
             "device": "GPU" if platform == "tensorrt_plan" or "KIND_GPU" in kinds else "CPU",
             "platform": platform,
             "tensorrt_version": params.get("tensorrt_version", ""),
+            "placement": params.get("placement", ""),
         }
     client.close()
     return {"url": url, "triton_version": meta.get("version", "?"), "models": models}

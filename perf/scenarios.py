@@ -25,6 +25,7 @@ from wholebody.contract import (
     RESOLUTION,
     RESOLUTIONS,
     ROI_SIZE,
+    TORCH_VARIANTS,
     VARIANTS,
     WINDOW,
     network_model_name,
@@ -112,6 +113,7 @@ class Run:
     csv: str  # file name in the raw folder
     network_model: str
     device: str = ""  # where the network model runs: CPU or GPU (from its config on the server)
+    network_in_process: bool = False  # run inside sliding_window (its `placement: in_process`), not by BLS
     command: list[str] = field(default_factory=list)
     status: str = "planned"  # planned | ok | failed | not available
     reason: str = ""
@@ -260,14 +262,20 @@ def run_name(scenario: Scenario, variant: str, concurrency: int) -> str:
     return f"{scenario.name}-{scenario.resolution}-{variant}-c{concurrency}.csv"
 
 
-def plan_runs(scenario: Scenario, ready_models: set[str]) -> list[Run]:
-    """The runs of a scenario: one per variant and concurrency; variants the server lacks are 'not available'."""
+def plan_runs(scenario: Scenario, ready_models: set[str], in_process: bool = False) -> list[Run]:
+    """The runs of a scenario: one per variant and concurrency; variants the server lacks are 'not available'.
+
+    `in_process`: the server's sliding_window runs torch networks itself (`placement: in_process`),
+    so an end2end run of a torch variant needs no network model loaded.
+    """
     runs: list[Run] = []
     found_one = False
     for variant in scenario.variants:
         network = network_model_name(scenario.resolution, variant)
         model = network if scenario.kind == "model_computation" else ENSEMBLE
-        missing = [m for m in dict.fromkeys([model, network]) if m not in ready_models]
+        inside = in_process and model == ENSEMBLE and variant in TORCH_VARIANTS
+        needed = [model] if inside else [model, network]
+        missing = [m for m in dict.fromkeys(needed) if m not in ready_models]
         if scenario.first_available_variant and (found_one or missing):
             continue
         found_one = found_one or not missing
@@ -281,6 +289,7 @@ def plan_runs(scenario: Scenario, ready_models: set[str]) -> list[Run]:
                 concurrency=concurrency,
                 csv=run_name(scenario, variant, concurrency),
                 network_model=network,
+                network_in_process=inside,
                 percentiles=list(scenario.measurement.percentiles),
             )
             if missing:
@@ -383,7 +392,7 @@ def perf_analyzer_command(
         cmd += ["--stability-percentage", f"{m.stability_percentage:g}", "--max-trials", str(m.max_trials)]
         if m.stability_percentile is not None:
             cmd += ["--percentile", str(m.stability_percentile)]
-    if run.kind != "model_computation":
+    if run.kind != "model_computation" and not run.network_in_process:
         cmd += ["--bls-composing-models", run.network_model]
     if csv:
         cmd += ["-f", csv, "--verbose-csv"]  # without --verbose-csv the CSV has no "Avg latency" column

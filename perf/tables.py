@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from perf.scenarios import Run
-from wholebody.contract import POSTPROCESS, PREPROCESS, RESOLUTIONS, SLIDING_WINDOW, VARIANTS
+from wholebody.contract import POSTPROCESS, PREPROCESS, RESOLUTIONS, SLIDING_WINDOW
 
 CLIENT_PARTS = (
     "Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input",
@@ -186,8 +186,8 @@ def latency_breakdown(raw: Path, runs: list[Run]) -> Table:
         "memory) + Write.",
         f"Pre = `{PREPROCESS}` compute (input + infer + output) from its composing-model CSV: orientation, "
         "resampling, intensity normalisation.",
-        f"Inferer = `{SLIDING_WINDOW}` compute: the sliding window including its BLS calls into the network "
-        "model, the gaussian blending, and the argmax.",
+        f"Inferer = `{SLIDING_WINDOW}` compute: the sliding window including the network (its BLS calls into the "
+        "network model, or the network run in-process), the gaussian blending, and the argmax.",
         f"Invert = `{POSTPROCESS}` compute: nearest resampling back to the input grid (the bundle's Invertd).",
         "Post = 0: argmax is fused into the sliding window stage, so it is included in Inferer (the README's Post "
         "also held softmax, argmax and inversion).",
@@ -203,6 +203,8 @@ def latency_breakdown(raw: Path, runs: list[Run]) -> Table:
     return Table("latency_breakdown", "Latency breakdown (end2end)", header, rows, notes, commands)
 
 
+# The bundle README's TensorRT table has these columns; other variants (torch_fp16) are in the breakdown.
+SPEEDUP_VARIANTS = ("torch_fp32", "torch_amp", "trt_fp32", "trt_fp16")
 SPEEDUP_HEADER = [
     "method", "torch_fp32 (ms)", "torch_amp", "trt_fp32", "trt_fp16",
     "speedup amp", "speedup fp32", "speedup fp16", "amp vs fp16",
@@ -231,7 +233,7 @@ def speedup(raw: Path, runs: list[Run], resolution: str) -> Table:
             method += f" ({scenario})"
         ms: dict[str, float] = {}
         cells = []
-        for variant in VARIANTS:
+        for variant in SPEEDUP_VARIANTS:
             run = by_variant.get(variant)
             if run is None:
                 cells.append("not available (not measured in this run)")
@@ -283,7 +285,7 @@ def concurrency(raw: Path, runs: list[Run]) -> Table:
             seconds(m.latency_us),
             *[seconds(float(m.top[f"p{p} latency"])) for p in percentiles],
             seconds(stages),
-            seconds(float(m.models[run.network_model]["Server Queue"])),
+            "in-process" if run.network_in_process else seconds(float(m.models[run.network_model]["Server Queue"])),
             memory(run, m),
         ])
         commands.append(_command(run))

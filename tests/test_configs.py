@@ -91,7 +91,14 @@ def test_int16_ensemble_is_the_ensemble_with_an_int16_image() -> None:
 
 
 def test_contract_names_match_configs() -> None:
+    from perf.gpu_session import torch_fp16_config
+
     models = load_models()
+    for resolution in contract.RESOLUTIONS:  # generated for the GPU session only, held to the same contract
+        name = contract.network_model_name(resolution, "torch_fp16")
+        assert name not in models, f"{name} is unmeasured on a GPU: perf/gpu_session.py generates it"
+        models[name] = text_format.Parse(torch_fp16_config(resolution), model_config_pb2.ModelConfig())
+        assert models[name].name == name
     ensemble = models[contract.ENSEMBLE]
     assert _tensors(ensemble, "input")[contract.IMAGE][1] == (-1, -1, -1)
     assert set(_tensors(ensemble, "output")) == {contract.LABEL_MAP}
@@ -106,7 +113,8 @@ def test_contract_names_match_configs() -> None:
 
 
 def test_cpu_configs_differ_from_gpu_configs_only_in_placement_and_defaults() -> None:
-    tunable = {"default_resolution", "default_network", "sw_batch_size", "memory_format", "huge_pages"}
+    tunable = {"default_resolution", "default_network", "sw_batch_size", "memory_format", "huge_pages",
+               "placement", "preload_networks", "blend_dtype", "network_config"}
     for cpu_path in MODEL_REPOSITORY.glob("*/configs/cpu.pbtxt"):
         gpu, cpu = parse(cpu_path.parent.parent / "config.pbtxt"), parse(cpu_path)
         assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
@@ -136,3 +144,55 @@ def test_size_limits_live_in_the_ensemble_config_only() -> None:
     for path in CONFIG_FILES:
         if path.parent.name != contract.ENSEMBLE:
             assert not set(limits) & set(parse(path).parameters), f"{path} repeats a size limit"
+
+
+def test_sliding_window_placement_parameters_are_valid() -> None:
+    """placement, blend_dtype and preload_networks take the values the stage accepts, in every config."""
+    from wholebody.sliding_window import BLEND_DTYPES
+    from wholebody.torch_network import placement_parameters
+
+    folder = MODEL_REPOSITORY / contract.SLIDING_WINDOW
+    placements = {}
+    for path in [folder / "config.pbtxt", *folder.glob("configs/*.pbtxt")]:
+        params = {k: v.string_value for k, v in parse(path).parameters.items()}
+        placements[path.name], preload = placement_parameters(params)  # what the stage parses at load
+        assert params.get("blend_dtype", "float32") in BLEND_DTYPES
+        assert params["default_network"] in contract.VARIANTS
+        if placements[path.name] == "in_process":  # the network models' own config it reads exists for each
+            for variant in {params["default_network"], *preload}:
+                for resolution in contract.RESOLUTIONS:
+                    network = MODEL_REPOSITORY / contract.network_model_name(resolution, variant)
+                    assert (network / params.get("network_config", "config.pbtxt")).is_file()
+    # the CPU default runs the network in the sliding-window stub; the GPU keeps its measured BLS default
+    assert placements == {"config.pbtxt": "bls", "cpu.pbtxt": "in_process"}
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"placement": "inside"}, "parameter 'placement' must be one of \\['bls', 'in_process'\\]"),
+        ({"placement": "bls", "preload_networks": "torch_fp32"}, "'preload_networks' needs placement 'in_process'"),
+        ({"placement": "in_process", "preload_networks": "trt_fp16"}, "'preload_networks' names \\['trt_fp16'\\]"),
+        ({"placement": "in_process", "default_network": "trt_fp16"},
+         "'trt_fp16' is a TensorRT plan: it runs by BLS only; set placement 'bls'"),
+    ],
+)
+def test_bad_placement_parameters_are_refused(params: dict[str, str], message: str) -> None:
+    from wholebody.torch_network import placement_parameters
+
+    with pytest.raises(ValueError, match=message):
+        placement_parameters(params)
+    assert placement_parameters({}) == ("bls", [])
+
+
+def test_the_cpu_default_does_not_load_the_network_models() -> None:
+    """With the network in the sliding-window stub, the CPU default loads the two ensembles and three stages; the GPU default all."""
+    from wholebody.served_models import models_to_load
+    from wholebody.triton_server import models_with_config
+
+    cpu = models_to_load(MODEL_REPOSITORY, "cpu", models_with_config(MODEL_REPOSITORY, "cpu"))
+    assert cpu == sorted(
+        [contract.ENSEMBLE, contract.ENSEMBLE_INT16, contract.PREPROCESS, contract.SLIDING_WINDOW, contract.POSTPROCESS]
+    )
+    every = [p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt")]
+    assert sorted(models_to_load(MODEL_REPOSITORY, None, every)) == sorted(every)

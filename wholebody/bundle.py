@@ -177,10 +177,14 @@ def install_bundle(bundle_dir: Path, model_repository: Path) -> list[Path]:
     for resolution in sorted(RESOLUTIONS):
         source = checkpoint_path(bundle_dir, resolution)
         load_checkpoint(build_network(network_def), source)
-        for variant in TORCH_VARIANTS:
-            version_dir = Path(model_repository) / network_model_name(resolution, variant) / "1"
-            if not version_dir.parent.joinpath("config.pbtxt").exists():
-                raise BundleError(f"{version_dir.parent} is not a model of this repository (no config.pbtxt)")
+        # the torch variants the repository has (torch_fp16 only where perf/gpu_session.py added it)
+        models = [Path(model_repository) / network_model_name(resolution, v) for v in TORCH_VARIANTS]
+        models = [m for m in models if m.joinpath("config.pbtxt").exists()]
+        if not models:
+            raise BundleError(f"{model_repository} has no PyTorch network model of the {resolution} checkpoint "
+                              f"(segresnet_{resolution}_torch_*/config.pbtxt)")
+        for model in models:
+            version_dir = model / "1"
             version_dir.mkdir(exist_ok=True)
             target = version_dir / source.name
             if not (target.exists() and os.path.samefile(source, target)):

@@ -57,9 +57,10 @@ RESOLUTIONS: dict[str, Resolution] = {
     "lowres": Resolution("lowres", (3.0, 3.0, 3.0), "model_lowres.pt"),
 }
 
-# How a network model computes. torch_* are served by the Python backend from the checkpoint,
-# trt_* are TensorRT plans made by `python -m export`.
-TORCH_VARIANTS = ("torch_fp32", "torch_amp")
+# How a network model computes. torch_* are served by the Python backend from the checkpoint
+# (torch_fp16: `.half()` weights, compiled for batches of 8 windows, GPU only; see
+# wholebody.torch_network), trt_* are TensorRT plans made by `python -m export`.
+TORCH_VARIANTS = ("torch_fp32", "torch_amp", "torch_fp16")
 TRT_VARIANTS = ("trt_fp32", "trt_fp16")
 VARIANTS = TORCH_VARIANTS + TRT_VARIANTS
 

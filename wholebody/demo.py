@@ -20,7 +20,8 @@ from client.__main__ import main as client_main
 from wholebody.bundle import BundleError, install_bundle, make_test_bundle
 from wholebody.contract import MODEL_REPOSITORY, RESOLUTIONS
 from wholebody.sample_data import real_ct
-from wholebody.triton_server import DEFAULT_CACHE, LocalTritonServer
+from wholebody.served_models import models_to_load
+from wholebody.triton_server import DEFAULT_CACHE, LocalTritonServer, models_with_config
 
 log = logging.getLogger("wholebody.demo")
 
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", exc)
         return 2
     ct = args.ct or real_ct("example_ct")
-    with LocalTritonServer() as server:
+    # the CPU configs run the network inside the sliding-window stage: no network model to load
+    models = models_to_load(MODEL_REPOSITORY, "cpu", models_with_config(MODEL_REPOSITORY, "cpu"))
+    with LocalTritonServer(config_name="cpu", models=models) as server:
         log.info("tritonserver ready at %s (CPU); segmenting %s", server.grpc_url, ct)
         return client_main(
             [str(ct), "-o", str(args.output_dir), "-u", server.grpc_url, "--resolution", args.resolution,

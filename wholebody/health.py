@@ -6,7 +6,11 @@ Exit 0 and one line (`healthy: ...`) when every resolution whose network is load
 label map within the deadline; exit 1 and one line (`unhealthy: <reason>`) otherwise. A server that is
 busy with a long request (one sliding-window instance works on one CT at a time) is not dead: when the
 check times out but the network models computed windows meanwhile (Triton's statistics), it passes as
-`healthy (busy)`. Kubernetes: an exec liveness probe with `timeoutSeconds` above `--timeout`.
+`healthy (busy)`. When the sliding-window stage runs the network in its own process (`placement:
+in_process`, the CPU default) no network model is loaded: each resolution is probed with the stage's
+default network, and a timed-out probe counts as busy when it got through `preprocess` (the pipeline
+answers; the sliding window is occupied) — weaker than counting windows: a hung sliding-window stub
+is then reported busy, not dead. Kubernetes: an exec liveness probe with `timeoutSeconds` above `--timeout`.
 Uses only the inference, health, model-config and statistics protocols (no operator key).
 """
 
@@ -27,9 +31,11 @@ from wholebody.contract import (
     LABEL_MAP,
     NETWORK,
     NUM_CLASSES,
+    PREPROCESS,
     RESOLUTION,
     RESOLUTIONS,
     SLIDING_WINDOW,
+    TORCH_VARIANTS,
     VARIANTS,
     network_model_name,
 )
@@ -58,10 +64,20 @@ class Probe:
     variant: str
 
 
-def plan(client: Any, timeout_s: float) -> list[Probe]:
-    """One probe per resolution that has a loaded network (the sliding window's default if loaded)."""
+def plan(client: Any, timeout_s: float) -> tuple[list[Probe], list[str]]:
+    """What to probe, and the models whose successful executions show work in progress.
+
+    BLS placement: one probe per resolution that has a loaded network model (the sliding window's
+    default if loaded); progress = those network models' executions. In-process placement: one probe
+    per resolution with the sliding window's default network; progress = preprocess's executions.
+    """
     config = client.get_model_config(SLIDING_WINDOW, as_json=True, client_timeout=timeout_s)["config"]
-    default = config.get("parameters", {}).get("default_network", {}).get("string_value", "")
+    parameters = config.get("parameters", {})
+    default = parameters.get("default_network", {}).get("string_value", "")
+    if parameters.get("placement", {}).get("string_value", "") == "in_process":
+        if default not in TORCH_VARIANTS:
+            raise Unhealthy(f"{SLIDING_WINDOW} runs the network in-process but its default network is {default!r}")
+        return [Probe(resolution, default) for resolution in RESOLUTIONS], [PREPROCESS]
     probes = []
     for resolution in RESOLUTIONS:
         names = {v: network_model_name(resolution, v) for v in VARIANTS}
@@ -70,16 +86,14 @@ def plan(client: Any, timeout_s: float) -> list[Probe]:
             probes.append(Probe(resolution, default if default in loaded else loaded[0]))
     if not probes:
         raise Unhealthy("no network model is loaded")
-    return probes
+    return probes, [network_model_name(p.resolution, p.variant) for p in probes]
 
 
-def windows_computed(client: Any, probes: list[Probe], timeout_s: float) -> int:
-    """Successful executions of the probed network models so far (Triton's statistics)."""
+def executions(client: Any, models: list[str], timeout_s: float) -> int:
+    """Successful executions of `models` so far (Triton's statistics)."""
     total = 0
-    for probe in probes:
-        stats = client.get_inference_statistics(
-            network_model_name(probe.resolution, probe.variant), as_json=True, client_timeout=timeout_s
-        )
+    for name in models:
+        stats = client.get_inference_statistics(name, as_json=True, client_timeout=timeout_s)
         for model in stats.get("model_stats", []):
             total += int(model.get("inference_stats", {}).get("success", {}).get("count", 0))
     return total
@@ -102,14 +116,15 @@ def check(url: str, timeout_s: float) -> str:
     image, affine = probe_ct()
     done: list[str] = []
     probes: list[Probe] = []
+    progress_models: list[str] = []
     before = None
     try:
         if not client.is_server_live(client_timeout=left()):
             raise Unhealthy("server not live")
         if not client.is_model_ready(ENSEMBLE, client_timeout=left()):
             raise Unhealthy(f"{ENSEMBLE} is not ready")
-        probes = plan(client, left())
-        before = windows_computed(client, probes, left())
+        probes, progress_models = plan(client, left())
+        before = executions(client, progress_models, left())
         for probe in probes:
             inputs = [
                 grpcclient.InferInput(IMAGE, list(image.shape), "FP32"),
@@ -132,13 +147,13 @@ def check(url: str, timeout_s: float) -> str:
             raise Unhealthy(exc.message() or str(exc)) from None
         if before is not None and probes:
             try:
-                after = windows_computed(client, probes, 5.0)
+                after = executions(client, progress_models, 5.0)
             except InferenceServerException:
                 after = before
             if after > before:
                 return (
                     f"healthy (busy): no answer within {timeout_s:g} s, "
-                    f"but {after - before} network batches computed meanwhile"
+                    f"but {', '.join(progress_models)} executed {after - before} times meanwhile"
                 )
         raise Unhealthy(f"no answer within {timeout_s:g} s and no network work done meanwhile") from None
     finally:

@@ -22,10 +22,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from wholebody.bundle import build_network, load_checkpoint
-from wholebody.contract import IN_CHANNELS, LOGITS, ROI_SIZE, WINDOW
-from wholebody.layout import channels_last
+from wholebody.contract import IN_CHANNELS, LOGITS, RESOLUTIONS, ROI_SIZE, WINDOW, network_model_name
 from wholebody.memory import enable_huge_pages
+from wholebody.torch_network import NetworkCache, NetworkSettings, TorchNetwork, placement_parameters
 from wholebody.validation import ConfigError, InvalidRequestError, SizeLimits, read_size_limits
 
 
@@ -153,11 +152,27 @@ def respond_each(
     return responses
 
 
+def release_cuda_cache(device: torch.device) -> None:
+    """Give the CUDA memory this process cached but no longer uses back to the card.
+
+    The stages run one after another on one card: memory a finished stage keeps cached (the
+    preprocessing's float64 resampling, the sliding window's ring and activations) would add to
+    the next stage's peak. Output tensors still held by Triton stay allocated.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 class PythonModel:
     """What every Python-backend model of the repository does: `initialize` sets the instance's
     logger, device, config parameters and the server's size limits (`self.limits`, from the
     ensemble's config), applies `huge_pages`, then calls `configure`; `execute` answers each request
     with `handle`'s output tensors or that request's own error.
+
+    `release_cuda_cache` (`yes`/`no`, default `no`): on a GPU instance, give the cached CUDA memory
+    back after every batch of requests. Unmeasured: it lowers the card's peak when stages share it,
+    and can slow the next request (its allocations start from the driver again).
     """
 
     def initialize(self, args: dict[str, str]) -> None:
@@ -166,6 +181,7 @@ class PythonModel:
         self.params = parameters(args)
         self.limits: SizeLimits = read_size_limits(args["model_repository"])
         apply_huge_pages(self.params, self.logger)
+        self.release_cuda_cache = choice_parameter(self.params, "release_cuda_cache", ("yes", "no"), "no") == "yes"
         self.configure(args)
 
     def configure(self, args: dict[str, str]) -> None:
@@ -175,55 +191,39 @@ class PythonModel:
         raise NotImplementedError
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return respond_each(requests, self.handle, self.logger)
+        responses = respond_each(requests, self.handle, self.logger)
+        if self.release_cuda_cache:
+            release_cuda_cache(self.device)
+        return responses
 
 
 class TorchNetworkModel(PythonModel):
-    """A network model served by PyTorch: a batch of windows in, logits out.
+    """A network model served by PyTorch: a batch of windows in, float32 logits out.
 
     The version folder holds `network_def.json` (the bundle's network_def) and the checkpoint named
-    by the `checkpoint` parameter; `precision` is `fp32` (TF32 off, as the bundle table's torch_fp32)
-    or `amp` (autocast: fp16 on GPU, bf16 on CPU, as the bundle's evaluator `amp=True`);
-    `memory_format` is `contiguous` or `channels_last_3d` (oneDNN's faster layout on CPU; see
-    wholebody.layout);
-    `huge_pages: yes` backs the activations with transparent huge pages (fewer page faults per window).
+    by the `checkpoint` parameter; `precision` (`fp32`, `amp`, `fp16`), `memory_format`, `compile`
+    and `fixed_batch` are described in `wholebody.torch_network` (the same network the sliding-window
+    stage loads with `placement: in_process`); `huge_pages: yes` backs the activations with
+    transparent huge pages (fewer page faults per window). A compiled network is warmed up here, at
+    load, so that the first request does not compile.
     """
 
     def configure(self, args: dict[str, str]) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.precision = choice_parameter(self.params, "precision", ("fp32", "amp"))
-        network_def_path = version_dir / "network_def.json"
-        checkpoint = version_dir / required_parameter(self.params, "checkpoint")
-        if not network_def_path.exists() or not checkpoint.exists():
-            raise FileNotFoundError(
-                f"{version_dir} lacks network_def.json or {checkpoint.name}: install a bundle with "
-                "`python -m wholebody.bundle install --bundle DIR`"
-            )
         self.max_batch_size = int(json.loads(args["model_config"]).get("max_batch_size", 0))
-        network = build_network(json.loads(network_def_path.read_text()))
-        memory_formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
-        layout = choice_parameter(self.params, "memory_format", list(memory_formats), default="contiguous")
-        self.memory_format = memory_formats[layout]
-        network = load_checkpoint(network, checkpoint).to(self.device)
-        if self.memory_format == torch.channels_last_3d:
-            example = torch.randn(1, IN_CHANNELS, 32, 32, 32, generator=torch.Generator().manual_seed(0))
-            network = channels_last(network, example.to(self.device))
-        self.network = network
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        self.autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        settings = NetworkSettings.from_parameters(self.params)
+        self.net = TorchNetwork(version_dir, settings, self.device)
+        warm_up_s = self.net.warm_up() if settings.compile != "none" else 0.0
         self.logger.info(
-            "serving %s (%s, %s) on %s, %d CPU threads",
-            checkpoint, self.precision, layout, self.device, torch.get_num_threads(),
+            "serving %s (%s, %s, compile %s, warm-up %.1f s) on %s, %d CPU threads",
+            self.net.checkpoint, settings.precision, settings.memory_format, settings.compile, warm_up_s,
+            self.device, torch.get_num_threads(),
         )
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.precision == "amp"
-        ):
-            logits = self.network(windows.contiguous(memory_format=self.memory_format))
+        logits = self.net(windows)
+        if logits.dtype == torch.float32 and not self.net.owned_output:
+            logits = logits.clone()
         return logits.float().contiguous()
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -265,4 +265,27 @@ class TorchNetworkModel(PythonModel):
         return input_tensor(request, WINDOW, self.device)
 
     def finalize(self) -> None:
-        self.network = None  # type: ignore[assignment]
+        self.net = None  # type: ignore[assignment]
+
+
+def in_process_networks(
+    params: dict[str, str], args: dict[str, str], device: torch.device, logger: logging.Logger
+) -> NetworkCache | None:
+    """The sliding-window stage's `placement` of the network: None for `bls` (each batch of windows
+    is sent to the network model), else the torch network models loaded into this process.
+
+    Parameters: `placement` (`bls` default, or `in_process`: no logits leave the process, no stub
+    and CUDA context of its own for the network); `network_config` (which config file of the
+    network model's folder gives its parameters, default `config.pbtxt`); `preload_networks`
+    (comma-separated torch variants loaded and warmed up here at load, for both resolutions; others
+    load on first use). TensorRT plans are refused per request (they run by BLS only).
+    """
+    placement, preload = placement_parameters(params)
+    if placement == "bls":
+        return None
+    repository = Path(args["model_repository"]).parent
+    cache = NetworkCache(repository, device, params.get("network_config") or "config.pbtxt", logger=logger)
+    for variant in preload:
+        for resolution in sorted(RESOLUTIONS):
+            cache.get(network_model_name(resolution, variant))
+    return cache

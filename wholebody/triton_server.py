@@ -42,6 +42,7 @@ from types import TracebackType
 from typing import Any
 
 from wholebody.contract import MODEL_REPOSITORY, REPO_ROOT
+from wholebody.served_models import models_to_load
 
 log = logging.getLogger(__name__)
 
@@ -822,10 +823,16 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         log.error("error: operator key: %s", exc)
         return 2
+    config_name = args.config_name or None
+    # Without --model: every model of the config, less the torch network models when the sliding-window
+    # stage runs the network in-process (the CPU default): they would only be idle stubs.
+    models = args.models or models_to_load(
+        args.model_repository, config_name, models_with_config(args.model_repository, config_name)
+    )
     server = LocalTritonServer(
         model_repository=args.model_repository,
-        config_name=args.config_name or None,
-        models=args.models,
+        config_name=config_name,
+        models=models,
         address=args.address,
         grpc_port=args.grpc_port,
         http_port=args.http_port,

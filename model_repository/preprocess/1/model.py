@@ -5,6 +5,7 @@ the size limits (from its shape), then a bad volume (check_volume)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from wholebody.contract import (
     network_model_name,
 )
 from wholebody.preprocessing import InvalidVolumeError, check_volume, estimated_resampled_voxels, preprocess
+from wholebody.torch_network import installed_torch_network
 from wholebody.triton_python import (
     PythonModel,
     choice_parameter,
@@ -50,21 +52,28 @@ def ct_image_input(request: Any) -> str:
 class TritonPythonModel(PythonModel):
     def configure(self, args: dict[str, str]) -> None:
         self.default_resolution = choice_parameter(self.params, "default_resolution", sorted(RESOLUTIONS))
+        self.repository = Path(args["model_repository"]).parent
         self.resample_dtype = getattr(torch, choice_parameter(self.params, "resample_dtype", ("float64", "float32")))
 
     def check_network(self, request: Any, resolution: str) -> None:
-        """Refuse a named network that is unknown or not loaded, before any preprocessing."""
+        """Refuse a named network that is unknown or not servable, before any preprocessing.
+
+        Servable: its network model is loaded (BLS), or it is a torch network installed in the
+        repository, which the sliding-window stage runs itself under `placement: in_process` (that
+        stage checks its own placement again).
+        """
         variant = optional_string(request, NETWORK, "")
         if not variant:
             return  # sliding_window's default_network
         if variant not in VARIANTS:
             raise InvalidRequestError(f"unknown network {variant!r}; choose one of {list(VARIANTS)}")
-        if not pb_utils.is_model_ready(network_model_name(resolution, variant)):
-            loaded = [v for v in VARIANTS if pb_utils.is_model_ready(network_model_name(resolution, v))]
-            raise InvalidRequestError(
-                f"network {variant!r} ({network_model_name(resolution, variant)}) is not loaded on this server; "
-                f"loaded for {resolution}: {loaded}"
-            )
+        name = network_model_name(resolution, variant)
+        if pb_utils.is_model_ready(name) or installed_torch_network(self.repository, name):
+            return
+        loaded = [v for v in VARIANTS if pb_utils.is_model_ready(network_model_name(resolution, v))]
+        raise InvalidRequestError(
+            f"network {variant!r} ({name}) is not loaded on this server; loaded for {resolution}: {loaded}"
+        )
 
     def handle(self, request: Any) -> list[Any]:
         resolution = optional_string(request, RESOLUTION, self.default_resolution)

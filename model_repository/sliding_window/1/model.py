@@ -1,7 +1,9 @@
-"""Triton stage 2: sliding-window inference by BLS calls to a network model, to a uint8 label map.
+"""Triton stage 2: sliding-window inference to a uint8 label map, the network called by BLS (placement
+`bls`) or run in this process (placement `in_process`).
 
 Checks its own request (also when sent directly, not by the ensemble): a known resolution and network,
-a loaded network model, a finite 3-D image within the ensemble's max_resampled_voxels."""
+a network that is loaded (BLS) or installed (in-process), a finite 3-D image within the ensemble's
+max_resampled_voxels."""
 
 from __future__ import annotations
 
@@ -19,12 +21,20 @@ from wholebody.contract import (
     RESOLUTIONS,
     RESOLVED_RESOLUTION,
     ROI_SIZE,
+    TORCH_VARIANTS,
     VARIANTS,
     WINDOW,
     network_model_name,
 )
-from wholebody.sliding_window import sliding_window_label_map
-from wholebody.triton_python import PythonModel, choice_parameter, input_tensor, optional_string, output_tensor
+from wholebody.sliding_window import BLEND_DTYPES, sliding_window_label_map
+from wholebody.triton_python import (
+    PythonModel,
+    choice_parameter,
+    in_process_networks,
+    input_tensor,
+    optional_string,
+    output_tensor,
+)
 from wholebody.validation import InvalidRequestError, float_parameter, int_parameter
 
 # MONAI's sliding_window_inference choices (BlendMode, PytorchPadMode)
@@ -40,6 +50,8 @@ class TritonPythonModel(PythonModel):
         self.mode = choice_parameter(self.params, "mode", BLEND_MODES)
         self.padding_mode = choice_parameter(self.params, "padding_mode", PADDING_MODES)
         self.progress_every_s = float_parameter(self.params, "progress_log_interval_s", 0.1, 3600.0, default=10.0)
+        self.blend_dtype = BLEND_DTYPES[choice_parameter(self.params, "blend_dtype", list(BLEND_DTYPES), "float32")]
+        self.in_process = in_process_networks(self.params, args, self.device, self.logger)
 
     def checked_request(self, request: Any) -> tuple[str, torch.Tensor]:
         """The network model to call and the image, once the request passed every check."""
@@ -50,7 +62,15 @@ class TritonPythonModel(PythonModel):
         if variant not in VARIANTS:
             raise InvalidRequestError(f"unknown network {variant!r}; choose one of {list(VARIANTS)}")
         model_name = network_model_name(resolution, variant)
-        if not pb_utils.is_model_ready(model_name):
+        if self.in_process is not None:
+            if variant not in TORCH_VARIANTS:
+                raise InvalidRequestError(
+                    f"network {variant!r} is a TensorRT plan: it runs by BLS only, and this server's sliding_window "
+                    f"runs the network in-process (placement 'in_process'); choose one of {list(TORCH_VARIANTS)}"
+                )
+            if not self.in_process.available(model_name):
+                raise InvalidRequestError(f"network {variant!r} ({model_name}) is not installed on this server")
+        elif not pb_utils.is_model_ready(model_name):
             raise InvalidRequestError(f"network {variant!r} ({model_name}) is not loaded on this server")
         tensor = pb_utils.get_input_tensor_by_name(request, NORMALIZED_IMAGE)
         if tensor is None:
@@ -62,6 +82,9 @@ class TritonPythonModel(PythonModel):
         return model_name, image
 
     def predictor(self, model_name: str):
+        if self.in_process is not None:
+            return self.in_process.get(model_name)
+
         def predict(windows: torch.Tensor) -> torch.Tensor:
             request = pb_utils.InferenceRequest(
                 model_name=model_name,
@@ -95,5 +118,6 @@ class TritonPythonModel(PythonModel):
             mode=self.mode,
             padding_mode=self.padding_mode,
             progress=progress,
+            blend_dtype=self.blend_dtype,
         )
         return [output_tensor(RESAMPLED_LABEL_MAP, label_map)]
