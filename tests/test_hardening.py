@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 from tritonclient.utils import shared_memory as shm
 
+from perf.gpu_session import drop_parameter, set_parameters
 from perf.hardening import unregister
 from perf.run import host_memory_bytes
 from tests.conftest import TEST_MAX_INPUT_VOXELS, TEST_MAX_RESAMPLED_VOXELS
@@ -218,8 +220,13 @@ def test_oversize_volume_over_shared_memory_is_refused_without_keeping_memory(se
 
 # --- 3. a dead stub: healed by the watchdog, reported by the health command without it -----------------
 @pytest.fixture
-def pipeline_server(test_model_repository: Path) -> Iterator[LocalTritonServer]:
-    with LocalTritonServer(model_repository=test_model_repository, models=PIPELINE) as running:
+def pipeline_server(test_model_repository: Path, tmp_path: Path) -> Iterator[LocalTritonServer]:
+    """The pipeline with the network model called by BLS (its own stub, to be killed); the CPU default
+    runs the network inside the sliding-window stub instead (placement in_process)."""
+    repo = shutil.copytree(test_model_repository, tmp_path / "model_repository")
+    config = repo / SLIDING_WINDOW / "configs" / "cpu.pbtxt"
+    config.write_text(drop_parameter(set_parameters(config.read_text(), placement="bls"), "preload_networks"))
+    with LocalTritonServer(model_repository=repo, models=PIPELINE) as running:
         yield running
 
 
