@@ -41,6 +41,7 @@ from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 
 from wholebody.contract import ENSEMBLE, MODEL_REPOSITORY, POSTPROCESS, PREPROCESS, REPO_ROOT, SLIDING_WINDOW
 from wholebody.triton_server import LocalTritonServer
+from wholebody.validation import read_size_limits
 
 DEPLOY = REPO_ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
@@ -250,8 +251,7 @@ def test_pipeline_shared_memory_worst_case_follows_the_input_limit() -> None:
     """PIPELINE_SHM_WORST_CASE from the configs: the largest accepted CT, float32, in the preprocessing
     stub's pool (2 GiB); its uint8 label map leaving postprocess (0.5 GiB); on the CPU path one
     window's fp32 logits in the network's and the sliding window's pools (2 x 0.37 GB)."""
-    text = (MODEL_REPOSITORY / PREPROCESS / "config.pbtxt").read_text()
-    max_input_voxels = int(re.search(r'"max_input_voxels" value: \{ string_value: "(\d+)"', text).group(1))
+    max_input_voxels = read_size_limits(MODEL_REPOSITORY / PREPROCESS).max_input_voxels  # the ensemble's
     logits = 105 * 96**3 * 4
     assert max_input_voxels * 4 + max_input_voxels + 2 * logits <= PIPELINE_SHM_WORST_CASE
 
