@@ -118,12 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, required=True, help="totalsegmentator_snomed_mapping.csv")
     parser.add_argument("--out", type=Path, default=STRUCTURES_JSON, help="default: %(default)s")
     args = parser.parse_args(argv)
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+    from wholebody.served_models import config_parameters
 
-    config_path = contract.MODEL_REPOSITORY / contract.ENSEMBLE / "config.pbtxt"
-    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
-    names = config.parameters[contract.LABEL_NAMES_PARAMETER].string_value.split(",")
+    ensemble = config_parameters(contract.MODEL_REPOSITORY / contract.ENSEMBLE / "config.pbtxt")
+    names = ensemble[contract.LABEL_NAMES_PARAMETER].split(",")
     table = build_table(args.csv, names)
     lines = ",\n".join("  " + json.dumps(s) for s in table["structures"])  # one structure a line
     args.out.write_text(f'{{\n "source": {json.dumps(table["source"])},\n "structures": [\n{lines}\n ]\n}}\n')

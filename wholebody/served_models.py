@@ -29,6 +29,11 @@ def model_config(config_path: Path) -> ModelConfig:
     return text_format.Parse(Path(config_path).read_text(), model_config_pb2.ModelConfig())
 
 
+def config_parameters(config_path: Path) -> dict[str, str]:
+    """The `parameters` of a config.pbtxt as {key: string_value} (OSError, text_format.ParseError)."""
+    return {key: value.string_value for key, value in model_config(config_path).parameters.items()}
+
+
 def config_path(model_dir: Path, config_name: str | None) -> Path:
     """The config Triton reads for `model_dir` under `--model-config-name=config_name`:
     `configs/<config_name>.pbtxt` where it exists, `config.pbtxt` otherwise."""

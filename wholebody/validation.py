@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from google.protobuf import text_format
 
 from wholebody.contract import ENSEMBLE
+from wholebody.served_models import config_parameters
 
 MAX_INPUT_VOXELS = "max_input_voxels"
 MAX_RESAMPLED_VOXELS = "max_resampled_voxels"
@@ -134,15 +136,12 @@ def read_size_limits(model_dir: str | Path) -> SizeLimits:
     """The size limits of the ensemble config next to the model folder `model_dir` (a stage's own
     folder, Triton's `args["model_repository"]`). Raises ConfigError when it is missing or lacks them.
     """
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     path = Path(model_dir).parent / ENSEMBLE / "config.pbtxt"
     try:
-        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        parameters = config_parameters(path)
     except (OSError, text_format.ParseError) as exc:
         raise ConfigError(f"cannot read the size limits from {path}: {exc}") from exc
-    return SizeLimits.from_parameters({k: v.string_value for k, v in config.parameters.items()})
+    return SizeLimits.from_parameters(parameters)
 
 
 def write_size_limits(model_repository: Path, max_input_voxels: int, max_resampled_voxels: int) -> None:
