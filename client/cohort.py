@@ -12,9 +12,23 @@ mid-request, its model process died) goes back to the queue for another server, 
 `max_attempts` times in all; a server that no longer answers gets no more work. A result is written
 only after its request succeeded, by the one writer, so every output is written at most once.
 
-Resume: a scan whose outputs all exist is skipped (status "skipped") unless `overwrite`. Every scan's
-outcome is appended to `<output_dir>/segmentation_manifest.jsonl` as it happens (JSON lines; see
-`Record`); the records of the latest run (field `run`) cover every scan of that run.
+Identity, not existence: every record names what its outputs were made from (the input's SHA-256 and
+size, `client.inputs.Identity`; the DICOM series UID), the model, resolution and network. A rerun skips
+a scan (status "skipped") only when all its outputs exist and the manifest says they were made from
+this very input with the same model, resolution and network. An input changed in place, or asked of
+another resolution or network, is segmented again. An output that the manifest says was made from
+another input (another cohort with the same layout), or that it does not know, is never replaced
+without `overwrite`: that scan is refused with one line. One run at a time per output folder:
+`OutputLock` (an advisory lock the kernel drops when a run dies, so a crash leaves nothing stuck).
+
+Every failure is seen: an output folder or manifest that cannot be written (disk full, read-only,
+permissions) stops the run at once with one line (`CohortSummary.stopped`); finished scans keep their
+outputs and records, and nothing is half-written. A thread that fails for any other reason stops the
+run the same way. Ctrl-C (KeyboardInterrupt in the calling thread) cancels the requests in flight and
+re-raises once the threads are done.
+
+Every scan's outcome is appended to `<output_dir>/segmentation_manifest.jsonl` as it happens (JSON
+lines; see `Record`); the records of the latest run (field `run`) cover every scan of that run.
 
 The scheduling is independent of Triton: `client_factory` makes any `Segmenter`, so the logic is
 tested without a server (tests/test_cohort.py) as well as against real ones (tests/test_client.py).
@@ -22,30 +36,42 @@ tested without a server (tests/test_cohort.py) as well as against real ones (tes
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
+import os
 import queue
+import socket
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from client.inputs import Header, Scan, ScanError, Volume
+from client.inputs import Header, Identity, Scan, ScanError, Volume, source_identity
 from client.outputs import NiftiLabelMapWriter, OutputWriter
 from client.segmentation_client import SegmentationClient, SegmentationError, ServerLimits
+from wholebody.contract import ENSEMBLE
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "segmentation_manifest.jsonl"
+LOCK_NAME = ".segmentation.lock"
+JOIN_AFTER_STOP_S = 30.0  # how long a stopped run waits for its threads (requests are cancelled first)
 
 
 class Segmenter(Protocol):
-    """What the cohort needs of a server connection (SegmentationClient is one)."""
+    """What the cohort needs of a server connection (SegmentationClient is one).
+
+    `abort()` (optional) is called from another thread when the run stops: the request in flight must
+    end promptly with an error and `close()` must not wait."""
 
     def check_ready(self) -> None: ...
 
@@ -63,7 +89,7 @@ class CohortOptions:
     output_dir: Path
     resolution: str | None = None  # None: the server's default
     network: str | None = None  # None: the server's default
-    overwrite: bool = False  # replace existing outputs instead of skipping their scans
+    overwrite: bool = False  # replace existing outputs, whatever made them, instead of skipping their scans
     jobs: int = 1  # requests in flight per server
     timeout_s: float | None = None  # per request, from connecting to the last byte
     use_shared_memory: bool | None = None  # None: for servers on this host
@@ -71,11 +97,12 @@ class CohortOptions:
     counts: bool = False  # count each label's voxels (Record.label_counts)
     # applied to every label map before any writer sees it (e.g. a structure subset); [X, Y, Z] -> same
     label_filter: Callable[[np.ndarray], np.ndarray] | None = None
+    command: str = ""  # how the run was started, for the lock (named to a second run refused)
 
 
 @dataclass
 class Record:
-    """One line of the manifest: what happened to one scan in one run."""
+    """One line of the manifest: what happened to one scan in one run, and what its outputs are made of."""
 
     run: str  # when the run started (UTC, ISO 8601)
     input: str
@@ -88,6 +115,11 @@ class Record:
     attempts: int = 0
     error: str | None = None
     series_uid: str | None = None  # the DICOM series of `input` (a folder or .zip); None for a NIfTI file
+    input_sha256: str | None = None  # client.inputs.Identity of the input the outputs were made from
+    input_bytes: int | None = None
+    model: str | None = None  # the ensemble that made the outputs
+    resolution: str | None = None  # "highres" | "lowres": asked, else the server's default
+    network: str | None = None  # the variant asked; None: the server's default
     label_counts: dict[int, int] | None = field(default=None, repr=False)  # not in the manifest
 
     def to_json(self) -> str:
@@ -100,6 +132,7 @@ class Record:
 class CohortSummary:
     records: list[Record]
     wall_seconds: float
+    stopped: str | None = None  # why the run stopped before its end (one line), None if it ran to the end
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.records)
@@ -122,8 +155,87 @@ class CohortSummary:
         )
 
 
+class CohortLocked(RuntimeError):
+    """Another run is writing to the same output folder; the message names it."""
+
+
+class _Stop(Exception):
+    """The run cannot go on (an output or the manifest cannot be written); the message is one line."""
+
+
+class OutputLock:
+    """One cohort run at a time per output folder: an exclusive `flock` on `<output_dir>/.segmentation.lock`.
+
+    The kernel drops the lock when its process dies, so a crashed or killed run never leaves the folder
+    locked; the file holds the owner's pid, host, start time and command, named to a second run, which
+    is refused with CohortLocked. The file is removed on release.
+    """
+
+    def __init__(self, output_dir: Path, command: str = "") -> None:
+        self.path = output_dir / LOCK_NAME
+        self.command = command
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock; raises CohortLocked naming the other run, OSError if the folder cannot be written."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                raise CohortLocked(f"{self.path.parent}: another run is writing there ({_describe_owner(owner)}); "
+                                   "wait for it to finish or choose another -o") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the file may have been removed by the owner that released it while we waited: lock anew
+                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                    os.close(fd)
+                    continue
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                "command": self.command or " ".join(sys.argv)})
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, owner.encode())
+            except OSError:  # a full disk: the lock holds all the same, only its note is missing
+                pass
+            self._fd = fd
+            return
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)  # closing drops the lock
+        self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _describe_owner(text: str) -> str:
+    try:
+        owner = json.loads(text)
+        return (f"pid {owner['pid']} on {owner['host']}, started {owner['started']}: {owner['command']}")
+    except (ValueError, KeyError, TypeError):
+        return "a run that left no note"
+
+
 class Manifest:
-    """Appends records as JSON lines, flushed one by one (a crash loses no finished scan's line)."""
+    """Appends records as JSON lines, flushed one by one (a crash loses no finished scan's line).
+
+    Raises OSError when the line cannot be written (the run then stops: `_Run`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -132,21 +244,47 @@ class Manifest:
     def append(self, record: Record) -> None:
         with self._lock, open(self.path, "a", encoding="utf-8") as stream:
             stream.write(record.to_json() + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
 
 
-def read_manifest(path: Path, latest_run_only: bool = True) -> list[dict[str, object]]:
-    """The manifest's records (of its latest run by default), as dicts."""
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_manifest(path: Path, latest_run_only: bool = True) -> list[dict[str, Any]]:
+    """The manifest's records (of its latest run by default), as dicts; lines that are not JSON (a line
+    cut by a crash) are left out with a warning."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            log.warning("%s line %d is not a record (cut by a crash?); it is left out", path, number)
+            continue
+        if isinstance(record, dict) and "run" in record:
+            records.append(record)
     if latest_run_only and records:
         latest = max(str(r["run"]) for r in records)
         records = [r for r in records if r["run"] == latest]
     return records
 
 
+def _origins(path: Path) -> dict[str, dict[str, Any]]:
+    """output path -> the latest record of status done or skipped that lists it (what made it)."""
+    if not path.exists():
+        return {}
+    origins: dict[str, dict[str, Any]] = {}
+    for record in read_manifest(path, latest_run_only=False):
+        if record.get("status") in ("done", "skipped"):
+            for output in record.get("outputs", []):
+                origins[str(output)] = record
+    return origins
+
+
 @dataclass
 class _Item:
     scan: Scan
     outputs: list[Path]
+    identity: Identity | None = None
     volume: Volume | None = None
     read_seconds: float = 0.0
     attempts: int = 0
@@ -186,9 +324,49 @@ class _Run:
         self.outstanding = 0  # scans read or being read, without a final record yet
         self.done_reading = False
         self.limits: ServerLimits | None = None
+        self.stopped: str | None = None  # set once, by stop(): the run ends
+        self.clients: set[Segmenter] = set()  # connections in use, aborted by stop()
+
+    @property
+    def resolution(self) -> str | None:
+        return self.options.resolution or (self.limits.default_resolution if self.limits else None)
+
+    # --- stopping -----------------------------------------------------------------------------
+    def stop(self, reason: str) -> None:
+        """End the run: no new read or request, requests in flight cancelled; the first reason is kept."""
+        with self.lock:
+            if self.stopped is not None:
+                return
+            self.stopped = reason
+            clients = list(self.clients)
+            self.lock.notify_all()
+        for client in clients:
+            abort = getattr(client, "abort", None)
+            if abort is not None:
+                try:
+                    abort()
+                except Exception:  # noqa: BLE001 - a connection that cannot abort: its thread is joined with a bound
+                    log.debug("aborting a request failed", exc_info=True)
+
+    def guarded(self, target: Callable[..., None], *args: object) -> Callable[[], None]:
+        """`target(*args)` for a thread: any failure stops the run with one line instead of dying unseen."""
+
+        def run() -> None:
+            try:
+                target(*args)
+            except _Stop as exc:
+                self.stop(str(exc))
+            except BaseException as exc:  # noqa: BLE001 - a thread must never die silently
+                log.debug("thread %s failed", threading.current_thread().name, exc_info=True)
+                self.stop(f"internal error in {threading.current_thread().name}: {type(exc).__name__}: {exc}")
+
+        return run
 
     # --- records ------------------------------------------------------------------------------
-    def record(self, item: _Item, status: str, **fields: object) -> None:
+    def record(self, item: _Item, status: str, **fields: Any) -> None:
+        """Append the scan's record to the manifest; raises _Stop if the manifest cannot be written."""
+        made = status in ("done", "skipped")
+        identity = fields.pop("identity", None) or item.identity
         record = Record(
             run=self.started,
             input=str(item.scan.source),
@@ -197,29 +375,50 @@ class _Run:
             series_uid=item.scan.series_uid,
             read_seconds=round(item.read_seconds, 3) if item.read_seconds else None,
             attempts=item.attempts,
-            **fields,  # type: ignore[arg-type]
+            input_sha256=identity.sha256 if identity else None,
+            input_bytes=identity.size if identity else None,
+            model=fields.pop("model", ENSEMBLE if made else None),
+            resolution=fields.pop("resolution", self.resolution if made else None),
+            network=fields.pop("network", self.options.network if made else None),
+            **fields,
         )
-        self.manifest.append(record)
+        try:
+            self.manifest.append(record)
+        except OSError as exc:
+            raise _Stop(f"cannot write the manifest {self.manifest.path}: {exc.strerror or exc}; finished scans "
+                        "are kept: make room or fix the folder, then rerun the same command to resume") from None
         with self.lock:
             self.records.append(record)
             self.lock.notify_all()
         if self.on_record is not None:
             self.on_record(record)
 
-    def settle(self, item: _Item, status: str, **fields: object) -> None:
-        """A read scan's final record; frees its slot for the next read."""
-        self.record(item, status, **fields)
-        item.volume = None  # free it before the next read
-        with self.lock:
-            self.outstanding -= 1
-            self.lock.notify_all()
-        self.slots.release()
+    def settle(self, item: _Item, status: str, **fields: Any) -> None:
+        """A read scan's final record; frees its slot for the next read (also when the record fails)."""
+        try:
+            self.record(item, status, **fields)
+        finally:
+            item.volume = None  # free it before the next read
+            with self.lock:
+                self.outstanding -= 1
+                self.lock.notify_all()
+            self.slots.release()
 
     # --- threads ------------------------------------------------------------------------------
     def read_all(self, todo: list[_Item]) -> None:
+        try:
+            self._read_all(todo)
+        finally:
+            with self.lock:
+                self.done_reading = True
+                self.lock.notify_all()
+
+    def _read_all(self, todo: list[_Item]) -> None:
         for item in todo:
             self.slots.acquire()
             with self.lock:
+                if self.stopped is not None:
+                    return
                 no_server = not self.live
                 self.outstanding += 1
             if no_server:
@@ -230,13 +429,14 @@ class _Run:
                 header: Header = item.scan.read_header()
                 if self.limits is not None:
                     self.limits.check(header, self.options.resolution)
+                item.identity = item.identity or source_identity(item.scan.source)
                 item.volume = item.scan.read_volume()
             except (ScanError, SegmentationError) as exc:
                 message = str(exc) if str(exc).startswith(str(item.scan.source)) else f"{item.scan.label}: {exc}"
                 self.settle(item, "failed", error=message)
                 continue
             except Exception as exc:  # a bug or the machine: this scan fails, the cohort goes on
-                log.exception("reading %s failed", item.scan.label)
+                log.debug("reading %s failed", item.scan.label, exc_info=True)
                 self.settle(item, "failed", error=f"{item.scan.label}: cannot read it: {type(exc).__name__}: {exc}")
                 continue
             item.read_seconds = time.perf_counter() - start
@@ -247,16 +447,18 @@ class _Run:
     def serve(self, url: str) -> None:
         """One in-flight slot on server `url`: take read scans, segment them, hand them to the writer."""
         client = self.client_factory(url)
+        with self.lock:
+            self.clients.add(client)
         try:
             while True:
                 try:
                     item = self.ready.get(timeout=0.1)
                 except queue.Empty:
                     with self.lock:
-                        if (self.done_reading and self.outstanding == 0) or url not in self.live:
+                        if (self.done_reading and self.outstanding == 0) or url not in self.live or self.stopped:
                             return
                     continue
-                if url not in self.live:
+                if url not in self.live or self.stopped:
                     self.ready.put(item)
                     return
                 others = (self.live - item.tried) - {url}
@@ -266,6 +468,8 @@ class _Run:
                     continue
                 self.segment(client, url, item)
         finally:
+            with self.lock:
+                self.clients.discard(client)
             client.close()
 
     def segment(self, client: Segmenter, url: str, item: _Item) -> None:
@@ -276,6 +480,8 @@ class _Run:
         try:
             label_map = client.segment_volume(item.volume, self.options.resolution, self.options.network)
         except SegmentationError as exc:
+            if self.stopped is not None:
+                return  # cancelled by stop(): the scan keeps no record in a stopped run
             if exc.retryable:
                 self.server_failed(client, url, exc)
                 with self.lock:
@@ -289,7 +495,7 @@ class _Run:
             self.settle(item, "failed", server=url, error=f"{item.scan.label}: {exc}")
             return
         except Exception as exc:  # e.g. no memory for a shared-memory region: this scan fails, the rest go on
-            log.exception("segmenting %s on %s failed", item.scan.label, url)
+            log.debug("segmenting %s on %s failed", item.scan.label, url, exc_info=True)
             self.settle(item, "failed", server=url, error=f"{item.scan.label}: {type(exc).__name__}: {exc}")
             return
         self.finished.put(_Finished(item, label_map, url, time.perf_counter() - start))
@@ -301,7 +507,8 @@ class _Run:
         except SegmentationError:
             with self.lock:
                 if url in self.live:
-                    log.error("server %s stopped answering (%s); its scans go to the other servers", url, exc)
+                    others = "its scans go to the other servers" if len(self.live) > 1 else "no other server is left"
+                    log.error("server %s stopped answering (%s); %s", url, exc, others)
                 self.live.discard(url)
                 none_left = not self.live
             if none_left:
@@ -317,33 +524,89 @@ class _Run:
 
     def write_all(self) -> None:
         while (finished := self.finished.get()) is not None:
-            item = finished.item
-            assert item.volume is not None
-            start = time.perf_counter()
-            try:
-                if self.options.label_filter is not None:
-                    finished.label_map = self.options.label_filter(finished.label_map)
-                for writer, path in zip(self.writers, item.outputs, strict=True):
-                    writer.write(finished.label_map, item.volume, path)
-            except Exception as exc:  # disk full, permissions, a writer's bug: this scan fails, the rest go on
-                if not isinstance(exc, OSError):
-                    log.exception("writing the outputs of %s failed", item.scan.label)
-                reason = f"{exc.strerror or exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-                where = getattr(exc, "filename", None) or ", ".join(map(str, item.outputs))
-                self.settle(
-                    item, "failed", server=finished.server, seconds=round(finished.seconds, 3),
-                    error=f"{item.scan.label}: cannot write {where}: {reason}",
-                )
-                continue
-            counts = None
-            if self.options.counts:
-                values = np.bincount(finished.label_map.reshape(-1))
-                counts = {i: int(c) for i, c in enumerate(values) if c and i}
-            item.volume = None  # free it before the next read
+            if self.stopped is not None:
+                continue  # a stopped run writes nothing more; the main thread is not waiting on it
+            self.write(finished)
+
+    def write(self, finished: _Finished) -> None:
+        item = finished.item
+        assert item.volume is not None
+        start = time.perf_counter()
+        written: list[Path] = []
+        try:
+            if self.options.label_filter is not None:
+                finished.label_map = self.options.label_filter(finished.label_map)
+            for writer, path in zip(self.writers, item.outputs, strict=True):
+                writer.write(finished.label_map, item.volume, path)
+                written.append(path)
+        except OSError as exc:  # disk full, read-only, permissions: every later scan would fail the same way
+            where = exc.filename or ", ".join(map(str, item.outputs))
+            self.settle_unwritten(item, written)
+            raise _Stop(f"{item.scan.label}: cannot write {where}: {exc.strerror or exc}; finished scans are "
+                        "kept: make room or fix the folder, then rerun the same command to resume") from None
+        except Exception as exc:  # a writer that cannot make this scan's output (e.g. a DICOM-SEG): this scan only
+            log.debug("writing the outputs of %s failed", item.scan.label, exc_info=True)
+            self.settle(
+                item, "failed", server=finished.server, seconds=round(finished.seconds, 3),
+                error=f"{item.scan.label}: cannot write {item.outputs[len(written)]}: {type(exc).__name__}: {exc}",
+            )
+            return
+        counts = None
+        if self.options.counts:
+            values = np.bincount(finished.label_map.reshape(-1))
+            counts = {i: int(c) for i, c in enumerate(values) if c and i}
+        item.volume = None  # free it before the next read
+        try:
             self.settle(
                 item, "done", server=finished.server, seconds=round(finished.seconds, 3),
                 write_seconds=round(time.perf_counter() - start, 3), label_counts=counts,
             )
+        except _Stop:
+            # outputs without their record would be refused by a rerun as of unknown origin: take them back
+            for path in item.outputs:
+                path.unlink(missing_ok=True)
+            raise
+
+    def settle_unwritten(self, item: _Item, written: list[Path]) -> None:
+        """A scan whose outputs could not all be written: remove those that were, free its slot."""
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        item.volume = None
+        with self.lock:
+            self.outstanding -= 1
+            self.lock.notify_all()
+        self.slots.release()
+
+
+def _resume_decision(
+    item: _Item, origins: dict[str, dict[str, Any]], resolution: str | None, network: str | None
+) -> tuple[str, str | None]:
+    """("skip" | "segment" | "refuse", a one-line reason) for a scan some of whose outputs exist."""
+    existing = [p for p in item.outputs if p.exists()]
+    made = [origins.get(str(p)) for p in existing]
+    unknown = [p for p, m in zip(existing, made) if m is None]
+    if unknown:
+        return "refuse", (f"{item.scan.label}: {unknown[0]} exists, but {MANIFEST_NAME} does not say it was made from "
+                          "this scan (another run's or an older client's output?); --overwrite replaces it, or "
+                          "choose another -o")
+    identity = item.identity = source_identity(item.scan.source)
+    for path, origin in zip(existing, made):
+        assert origin is not None
+        same_data = origin.get("input_sha256") == identity.sha256 and origin.get("series_uid") == item.scan.series_uid
+        if not same_data:
+            if origin.get("input") != str(item.scan.source) or origin.get("series_uid") != item.scan.series_uid:
+                return "refuse", (f"{item.scan.label}: {path} was made from another input, {origin.get('input')}"
+                                  f"{' (series ' + str(origin['series_uid']) + ')' if origin.get('series_uid') else ''}"
+                                  "; --overwrite replaces it, or choose another -o")
+            return "segment", f"{item.scan.label} changed since {path} was made from it; segmenting it again"
+        asked = {"model": ENSEMBLE, "resolution": resolution, "network": network}
+        differs = [f"{k} {origin.get(k)} -> {v}" for k, v in asked.items() if origin.get(k) != v]
+        if differs:
+            return "segment", f"{item.scan.label}: {path} was made with another {', '.join(differs)}; segmenting again"
+    if len(existing) < len(item.outputs):
+        return "segment", None
+    return "skip", None
 
 
 def run_cohort(
@@ -362,58 +625,127 @@ def run_cohort(
             `options`' timeout and shared-memory choice.
         on_record: called with every scan's record as it is settled (from worker threads).
     Returns:
-        The summary with one record per scan of the plan. Servers that do not answer at the start
-        get no work; if none answers, every scan not skipped fails with that reason.
+        The summary with one record per scan of the plan, or, for a run that stopped (`stopped`: an
+        output or the manifest could not be written), of the scans settled before it stopped. Servers
+        that do not answer at the start get no work; if none answers, every scan not skipped fails with
+        that reason.
+    Raises:
+        CohortLocked: another run holds the output folder (nothing was done).
+        OSError: the output folder cannot be made or locked.
+        KeyboardInterrupt: re-raised after the requests in flight were cancelled and the threads ended.
     """
     if client_factory is None:
         def client_factory(url: str) -> Segmenter:
             return SegmentationClient(url, use_shared_memory=options.use_shared_memory, timeout_s=options.timeout_s)
 
     options.output_dir.mkdir(parents=True, exist_ok=True)
+    with OutputLock(options.output_dir, options.command):
+        return _run_locked(plan, urls, options, writers, client_factory, on_record)
+
+
+def _run_locked(
+    plan: dict[Scan, list[Path]],
+    urls: Sequence[str],
+    options: CohortOptions,
+    writers: Sequence[OutputWriter],
+    client_factory: Callable[[str], Segmenter],
+    on_record: Callable[[Record], None] | None,
+) -> CohortSummary:
     run = _Run(plan, urls, options, writers, client_factory, on_record)
     start = time.perf_counter()
-    todo: list[_Item] = []
-    for scan, outputs in plan.items():
-        item = _Item(scan, outputs)
-        if not options.overwrite and all(p.exists() for p in outputs):
-            run.record(item, "skipped")
-        else:
-            todo.append(item)
-    if todo:
-        run.live = set()
-        problems = []
-        for url in urls:
-            probe = client_factory(url)
-            try:
-                probe.check_ready()
-                limits = probe.limits()
-                run.limits = limits if run.limits is None else _tighter(run.limits, limits)
-                run.live.add(url)
-            except SegmentationError as exc:
-                problems.append(str(exc))
-                log.error("error: %s", exc)
-            finally:
-                probe.close()
-        if not run.live:
+
+    def summary() -> CohortSummary:
+        return CohortSummary(run.records, time.perf_counter() - start, run.stopped)
+
+    run.live = set()
+    problems = []
+    for url in urls:
+        probe = client_factory(url)
+        try:
+            probe.check_ready()
+            limits = probe.limits()
+            run.limits = limits if run.limits is None else _tighter(run.limits, limits)
+            run.live.add(url)
+        except SegmentationError as exc:
+            problems.append(str(exc))
+        finally:
+            probe.close()
+    try:
+        todo = _sort_out(run, plan, options)
+        if todo and not run.live:
+            for url_problem in problems:
+                log.error("error: %s", url_problem)
             for item in todo:
                 run.record(item, "failed", error=f"{item.scan.label}: not attempted: {'; '.join(problems)}")
-            return CohortSummary(run.records, time.perf_counter() - start)
-        workers = [
-            threading.Thread(target=run.serve, args=(url,), name=f"request-{url}-{i}", daemon=True)
-            for url in sorted(run.live)
-            for i in range(options.jobs)
-        ]
-        writer = threading.Thread(target=run.write_all, name="writer", daemon=True)
-        for thread in [*workers, writer]:
-            thread.start()
-        run.read_all(todo)
+            return summary()
+    except _Stop as exc:
+        run.stop(str(exc))
+        return summary()
+    if not todo:
+        return summary()
+    for url_problem in problems:
+        log.error("error: %s", url_problem)
+    threads = [
+        threading.Thread(target=run.guarded(run.serve, url), name=f"request-{url}-{i}", daemon=True)
+        for url in sorted(run.live)
+        for i in range(options.jobs)
+    ]
+    threads.append(threading.Thread(target=run.guarded(run.write_all), name="writer", daemon=True))
+    reader = threading.Thread(target=run.guarded(run.read_all, todo), name="reader", daemon=True)
+    for thread in [*threads, reader]:
+        thread.start()
+    try:
         with run.lock:
-            run.done_reading = True
-            run.lock.wait_for(lambda: run.outstanding == 0)
-        run.finished.put(None)
-        for thread in [*workers, writer]:
-            thread.join()
-    return CohortSummary(run.records, time.perf_counter() - start)
+            while not run.lock.wait_for(lambda: run.stopped is not None or (
+                    run.done_reading and run.outstanding == 0), timeout=0.5):
+                pass
+    except KeyboardInterrupt:
+        run.stop("interrupted")
+        _join(run, reader, threads)
+        raise
+    _join(run, reader, threads)
+    return summary()
+
+
+def _sort_out(run: _Run, plan: dict[Scan, list[Path]], options: CohortOptions) -> list[_Item]:
+    """Record the scans a rerun skips or refuses; the scans to segment, in plan order."""
+    origins = {} if options.overwrite else _origins(options.output_dir / MANIFEST_NAME)
+    todo = []
+    for scan, outputs in plan.items():
+        item = _Item(scan, outputs)
+        if options.overwrite or not any(p.exists() for p in outputs):
+            todo.append(item)
+            continue
+        try:
+            decision, why = _resume_decision(item, origins, run.resolution, options.network)
+        except ScanError as exc:
+            run.record(item, "failed", error=str(exc))
+            continue
+        if decision == "skip":
+            origin = origins[str(outputs[0])]
+            run.record(item, "skipped", model=origin.get("model"), resolution=origin.get("resolution"),
+                       network=origin.get("network"))
+        elif decision == "refuse":
+            run.record(item, "failed", error=why)
+        else:
+            if why:
+                log.info("%s", why)
+            todo.append(item)
+    return todo
+
+
+def _join(run: _Run, reader: threading.Thread, threads: list[threading.Thread]) -> None:
+    """Let the threads end: the writer gets its end marker; after a stop, waits at most JOIN_AFTER_STOP_S."""
+    if run.stopped is not None:
+        # a reader waiting for a free slot, and request threads waiting for work, are let go
+        for _ in range(len(threads) + 1):
+            run.slots.release()
+    run.finished.put(None)
+    deadline = time.monotonic() + JOIN_AFTER_STOP_S
+    for thread in [reader, *threads]:
+        thread.join(None if run.stopped is None else max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.warning("%s did not end within %.0f s of the stop; leaving it", thread.name, JOIN_AFTER_STOP_S)
 
 
 def _tighter(a: ServerLimits, b: ServerLimits) -> ServerLimits:

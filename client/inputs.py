@@ -12,6 +12,7 @@ gives shape and affine from the first bytes, `read_volume` the voxels.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -24,6 +25,7 @@ from typing import Protocol
 import nibabel as nib
 import numpy as np
 from isal import igzip
+from nibabel import volumeutils
 from pydicom.dataset import Dataset
 
 from clinical import dicom_series
@@ -142,14 +144,37 @@ class NiftiFormat:
         except OSError as exc:
             raise ScanError(f"cannot open it ({exc.strerror or exc})") from None
 
-    def _read(self, path: Path, size: int = -1) -> bytes:
+    def _read(self, path: Path, size: int) -> bytes:
         with self._open(path) as stream:
-            try:
-                return stream.read(size)
-            except igzip.BadGzipFile as exc:
-                raise ScanError(f"not a readable NIfTI file (not gzip-compressed: {exc})") from None
-            except (EOFError, OSError, ValueError) as exc:
-                raise ScanError(f"truncated or corrupt gzip data ({exc})") from None
+            return self._read_exactly(stream, size, allow_short=True)
+
+    @staticmethod
+    def _read_exactly(stream: io.BufferedIOBase, size: int, allow_short: bool = False) -> bytes:
+        try:
+            data = stream.read(size)
+        except igzip.BadGzipFile as exc:
+            raise ScanError(f"not a readable NIfTI file (not gzip-compressed: {exc})") from None
+        except (EOFError, OSError, ValueError) as exc:
+            raise ScanError(f"truncated or corrupt gzip data ({exc})") from None
+        if len(data) < size and not allow_short:
+            raise ScanError(f"truncated: the file ends before its header's {size:,} bytes")
+        return data
+
+    @staticmethod
+    def _read_into(stream: io.BufferedIOBase, buffer: memoryview) -> int:
+        """Fill `buffer` from `stream`; the number of bytes read (fewer only at the end of the data)."""
+        filled = 0
+        try:
+            while filled < len(buffer):
+                got = stream.readinto(buffer[filled:])
+                if not got:
+                    break
+                filled += got
+        except igzip.BadGzipFile as exc:
+            raise ScanError(f"not a readable NIfTI file (not gzip-compressed: {exc})") from None
+        except (EOFError, OSError, ValueError) as exc:
+            raise ScanError(f"truncated or corrupt gzip data ({exc})") from None
+        return filled
 
     def _parse_header(self, head: bytes) -> nib.Nifti1Header | nib.Nifti2Header:
         klass = _nifti_header_class(head)
@@ -172,22 +197,44 @@ class NiftiFormat:
         return self._geometry(self._parse_header(self._read(path, 540)))
 
     def read_volume(self, path: Path, part: str | None = None) -> Volume:
-        raw = self._read(path)
-        header = self._parse_header(raw[:540])
-        geometry = self._geometry(header)
-        voxels = int(np.prod(header.get_data_shape()))
-        needed = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
-        if len(raw) < needed:
-            raise ScanError(f"truncated: {len(raw):,} bytes of image data where the header needs {needed:,}")
-        klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-        try:
-            image = klass.from_bytes(raw)
-            data = np.asanyarray(image.dataobj)
-        except Exception as exc:  # nibabel raises several types for unreadable data
-            raise ScanError(f"not a readable NIfTI image ({exc})") from None
+        """The voxels, read straight into their array: decompression stops at the size the header
+        declares (a gzip bomb behind an honest header costs no memory), and a stream longer than that
+        is refused as corrupt. Scaling (scl_slope/scl_inter) is nibabel's own `apply_read_scaling`.
+        int16 data without scaling (the usual CT) is held once, in the file's (Fortran) order."""
+        with self._open(path) as stream:
+            head = self._read_exactly(stream, 540, allow_short=True)
+            header = self._parse_header(head)
+            geometry = self._geometry(header)
+            offset = int(header.get_data_offset())
+            if offset > len(head):
+                head += self._read_exactly(stream, offset - len(head))
+            dtype = header.get_data_dtype()
+            try:
+                raw = np.empty(geometry.shape, dtype=dtype, order="F")
+            except MemoryError:
+                raise ScanError(f"not enough memory for {int(np.prod(geometry.shape)):,} voxels") from None
+            flat = memoryview(raw.reshape(-1, order="F").view(np.uint8))  # the array's own bytes, file order
+            lead = head[offset:]
+            flat[: len(lead)] = lead[: len(flat)]
+            filled = min(len(lead), len(flat)) + self._read_into(stream, flat[len(lead):])
+            if filled < len(flat):
+                raise ScanError(f"truncated: {offset + filled:,} bytes of image data where the header needs "
+                                f"{offset + len(flat):,}")
+            if len(lead) > len(flat) or self._read_exactly(stream, 1, allow_short=True):
+                raise ScanError(f"corrupt: the data go on past the {offset + len(flat):,} bytes its header "
+                                "declares; re-export the file")
+        del flat
+        if not dtype.isnative:
+            raw = raw.astype(dtype.newbyteorder("="), order="F")
+        slope, inter = header.get_slope_inter()
+        data = volumeutils.apply_read_scaling(raw, slope, inter)
         del raw
-        data = data.reshape(geometry.shape, order="F") if data.ndim != 3 else data
-        return Volume(array=native_array(data), affine=geometry.affine, like=image)
+        array = native_array(data)
+        del data
+        klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        # the header (affine, units, codes) that label maps copy; the array is the volume's own, not a copy
+        like = klass(array, geometry.affine, header)
+        return Volume(array=array, affine=geometry.affine, like=like)
 
 
 def native_array(data: np.ndarray) -> np.ndarray:
@@ -342,10 +389,54 @@ class Scan:
             raise ScanError(f"{self.label}: not enough memory to read it") from None
 
 
+@dataclass(frozen=True)
+class Identity:
+    """What a scan's bytes are, to tell whether an output was made from this very input.
+
+    `sha256` is the hex SHA-256 of the source file's bytes (a NIfTI file, a .zip), or, for a DICOM
+    folder, of every file below it (relative path, then bytes, in sorted path order); `size` is the
+    bytes hashed. Two inputs with equal identities are the same data wherever they lie.
+    """
+
+    sha256: str
+    size: int
+
+
+HASH_CHUNK = 1 << 20  # bytes read at a time while hashing
+
+
+def source_identity(source: Path) -> Identity:
+    """The `Identity` of a scan's source (file or folder). Raises ScanError naming the file it cannot read."""
+    digest = hashlib.sha256()
+    size = 0
+    if source.is_dir():
+        files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: p.relative_to(source).as_posix())
+    else:
+        files = [source]
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    for file in files:
+        if file is not source:
+            digest.update(file.relative_to(source).as_posix().encode() + b"\0")
+        try:
+            with open(file, "rb", buffering=0) as stream:
+                while got := stream.readinto(buffer):
+                    digest.update(view[:got])
+                    size += got
+        except OSError as exc:
+            raise ScanError(f"{file}: cannot read it ({exc.strerror or exc})") from None
+    return Identity(digest.hexdigest(), size)
+
+
 @dataclass
 class Discovery:
     scans: list[Scan]
-    problems: list[str]  # one line each: a path and why it is not a scan
+    problems: list[str]  # one line each: a path that should have been a scan and why it is not (errors)
+    skipped: list[str] = field(default_factory=list)  # one line each: a path not taken and why (not errors)
+
+
+# files this client itself leaves in an output folder (partial writes, write probes, the run lock)
+OWN_FILES = re.compile(r"^\.(.*\.partial|write-test-.*|segmentation\.lock)$")
 
 
 def _claim(path: Path, formats: Sequence[ScanFormat], folder: bool) -> ScanFormat | None:
@@ -370,22 +461,29 @@ def discover(
 ) -> Discovery:
     """Scans in `paths` (files, and folders searched recursively), in a stable sorted order.
 
-    Hidden files and folders (`.name`, e.g. our own partial outputs) and anything under `exclude`
-    (the output folder) are skipped; other files of folders that no format claims are ignored,
-    except image formats this client cannot read, which are reported. A path given explicitly that
-    is not a scan is reported, and so is a claimed folder or file whose `parts` fail (a DICOM folder
-    without a CT series); a source whose parts are all filtered out (DicomFormat's `series_uid`)
-    gives no scan and no problem. Each scan's `relative` mirrors its folder below the common folder of
-    all `paths`, so two scans never share one (`a/s1/ct.nii.gz`, `a/s2/ct.nii.gz` -> `s1/ct`, `s2/ct`).
-    The same file reached twice is kept once.
+    Symbolic links to folders and files are followed; a folder reached a second time (a link loop, or
+    two links to one folder) is searched once. Every path not taken is named once: image formats this
+    client cannot read, broken links, unreadable folders and a path given explicitly that is not a scan
+    are `problems`; hidden files and folders (`.name`), other files, the folders under `exclude` (the
+    output folder) and folders searched already are `skipped`, one line each (the client's own partial
+    outputs are left out). A claimed folder or file whose `parts` fail (a DICOM folder without a CT
+    series) is a problem; a source whose parts are all filtered out (DicomFormat's `series_uid`) gives no
+    scan and no line. Each scan's `relative` mirrors its folder below the common folder of all `paths`,
+    so two scans never share one (`a/s1/ct.nii.gz`, `a/s2/ct.nii.gz` -> `s1/ct`, `s2/ct`). The same
+    file reached twice is kept once.
     """
     excluded = [Path(os.path.abspath(p)) for p in exclude]
     found: list[tuple[Path, ScanFormat]] = []
     problems: list[str] = []
+    skipped: list[str] = []
     roots: list[Path] = []
+    searched: dict[tuple[int, int], Path] = {}  # (device, inode) of every folder searched -> its path
 
     def is_excluded(path: Path) -> bool:
         return any(path == e or e in path.parents for e in excluded)
+
+    def unreadable(error: OSError) -> None:
+        problems.append(f"{error.filename}: cannot read this folder ({error.strerror}); its scans are not segmented")
 
     for given in paths:
         path = Path(os.path.abspath(given))
@@ -396,23 +494,48 @@ def discover(
                 found.append((path, fmt))
                 continue
             before = len(found)
-            for folder, dirs, files in os.walk(path):
+            for folder, dirs, files in os.walk(path, onerror=unreadable, followlinks=True):
                 here = Path(folder)
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not is_excluded(here / d))
-                for name in list(dirs):
-                    fmt = _claim(here / name, formats, folder=True)
-                    if fmt is not None:
-                        found.append((here / name, fmt))
-                        dirs.remove(name)
-                for name in sorted(files):
+                try:
+                    status = os.stat(here)
+                except OSError as exc:
+                    problems.append(f"{here}: cannot read this folder ({exc.strerror})")
+                    dirs[:] = []
+                    continue
+                key = (status.st_dev, status.st_ino)
+                if key in searched:
+                    loop = searched[key] == here or searched[key] in here.parents
+                    skipped.append(f"{here}: skipped, {'a symbolic link loop back to' if loop else 'the same folder as'} "
+                                   f"{searched[key]}, searched once")
+                    dirs[:] = []
+                    continue
+                searched[key] = here
+                keep = []
+                for name in sorted(dirs):
+                    sub = here / name
                     if name.startswith("."):
-                        continue
+                        skipped.append(f"{sub}: skipped, a hidden folder")
+                    elif is_excluded(sub):
+                        skipped.append(f"{sub}: skipped, the output folder")
+                    elif (fmt := _claim(sub, formats, folder=True)) is not None:
+                        found.append((sub, fmt))
+                    else:
+                        keep.append(name)
+                dirs[:] = keep
+                for name in sorted(files):
                     file = here / name
-                    fmt = _claim(file, formats, folder=False)
-                    if fmt is not None:
+                    if OWN_FILES.match(name):
+                        continue
+                    if name.startswith("."):
+                        skipped.append(f"{file}: skipped, a hidden file")
+                    elif not file.exists():
+                        problems.append(f"{file}: a broken symbolic link (to {os.readlink(file)}); fix or remove it")
+                    elif (fmt := _claim(file, formats, folder=False)) is not None:
                         found.append((file, fmt))
                     elif (problem := _unsupported(file)) is not None:
                         problems.append(problem)
+                    else:
+                        skipped.append(f"{file}: skipped, not a CT scan (.nii/.nii.gz, a DICOM series or its .zip)")
             if len(found) == before and not any(p.startswith(str(path)) for p in problems):
                 problems.append(f"{given}: folder has no CT scans (.nii or .nii.gz files, any letter case, "
                                 "or DICOM CT series)")
@@ -424,10 +547,12 @@ def discover(
             else:
                 problems.append(_unsupported(path) or f"{given}: not a NIfTI file (.nii or .nii.gz) or a .zip of a "
                                 f"DICOM series; {CONVERT_HINT}")
+        elif path.is_symlink():
+            problems.append(f"{given}: a broken symbolic link (to {os.readlink(path)}); fix or remove it")
         else:
             problems.append(f"{given}: no such file or folder")
     if not found:
-        return Discovery([], problems)
+        return Discovery([], problems, skipped)
     common = Path(os.path.commonpath([str(r) for r in roots]))
     scans: dict[tuple[Path, str | None], Scan] = {}
     for source, fmt in found:
@@ -447,4 +572,4 @@ def discover(
         for part, name in parts:
             if (real, part) not in scans:
                 scans[(real, part)] = Scan(source=source, relative=relative / name, format=fmt, series_uid=part)
-    return Discovery(sorted(scans.values(), key=lambda s: str(s.relative)), problems)
+    return Discovery(sorted(scans.values(), key=lambda s: str(s.relative)), problems, skipped)

@@ -235,7 +235,7 @@ def test_oversize_scans_are_refused_before_their_voxels_are_read(cohort: Path, t
     assert "above the server's limit of 100 (max_input_voxels)" in str(summary.records[0].error)
 
 
-def test_a_failed_write_fails_that_scan_only_and_leaves_no_partial_file(cohort: Path, tmp_path: Path) -> None:
+def test_a_full_disk_stops_the_run_keeps_finished_scans_and_the_rerun_completes(cohort: Path, tmp_path: Path) -> None:
     scans = discover(good_scans(cohort)).scans
     out = tmp_path / "out"
 
@@ -254,7 +254,13 @@ def test_a_failed_write_fails_that_scan_only_and_leaves_no_partial_file(cohort: 
     writers = [DiskFullOnce()]
     plan = plan_outputs(scans, out, writers, "_seg")
     summary = run_cohort(plan, ["a:1"], CohortOptions(output_dir=out), writers, fake_factory(set(), []))
-    assert summary.count("done") == 3 and summary.count("failed") == 1
-    failed = next(r for r in summary.records if r.status == "failed")
-    assert "s0001/ct.nii.gz: cannot write" in str(failed.error) and "No space left on device" in str(failed.error)
+    # the run stops at the first scan it cannot write: one line, the scans finished before it kept
+    assert summary.stopped is not None and "s0001/ct.nii.gz: cannot write" in summary.stopped
+    assert "No space left on device" in summary.stopped and "rerun the same command" in summary.stopped
+    assert summary.count("failed") == 0 and 1 <= summary.count("done") <= 3
     assert not (out / "s0001").exists() or not list((out / "s0001").iterdir())
+    done = {r.input for r in summary.records if r.status == "done"}
+    assert all(Path(r.outputs[0]).exists() for r in summary.records)
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))  # no partial file, no lock left
+    rerun = run_cohort(plan, ["a:1"], CohortOptions(output_dir=out), WRITERS, fake_factory(set(), []))
+    assert rerun.stopped is None and rerun.count("skipped") == len(done) and rerun.count("done") == 4 - len(done)
