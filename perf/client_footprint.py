@@ -130,10 +130,12 @@ def working_tree() -> Tree:
     return Tree(label=f"this tree ({head}{', modified' if dirty else ''})", root=REPO_ROOT)
 
 
-def table(trees: list[Tree], results: dict[tuple[str, str], list[Sample]], rounds: int, python: str) -> str:
+def table(
+    trees: list[Tree], results: dict[tuple[str, str], list[Sample]], rounds: int, python: str, where: str
+) -> str:
     """The medians as a markdown table, one row per command, wall time and peak RSS per tree."""
     lines = [
-        f"Client footprint on {machine()}",
+        f"Client footprint on {where} (at the start)",
         f"interpreter: {python}; median of {rounds} runs per cell after one warm-up; "
         "peak RSS = the child's ru_maxrss",
         "",
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    where = machine()
     with tempfile.TemporaryDirectory(prefix="client-footprint-") as tmp:
         trees = [export_ref(args.ref, Path(tmp))] if args.ref else []
         trees.append(working_tree())
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                     sample = measure(args.python, command_args, tree)
                     if round_:
                         results[(tree.label, command)].append(sample)
-        print(table(trees, results, args.rounds, args.python))
+        print(table(trees, results, args.rounds, args.python, where))
     return 0
 
 
