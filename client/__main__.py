@@ -23,7 +23,6 @@ from client.outputs import (OUTPUT_TYPES, DicomSegWriter, NiftiLabelMapWriter, O
                             check_output_dir, make_writers, plan_outputs)
 from client.segmentation_client import SegmentationClient, SegmentationError
 from clinical import structures
-from clinical.dicomweb import DicomWebError, pulled_study, store
 from clinical.statistics import structure_labels
 from wholebody.contract import RESOLUTIONS, VARIANTS
 
@@ -187,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dicomweb:
         found = discover(args.inputs, formats, exclude=[args.output_dir])
         return _segment(args, found, urls, writers, label_filter)
+    from clinical.dicomweb import DicomWebError, pulled_study  # pydicom, dicomweb-client: only for a PACS
+
     try:
         with pulled_study(args.dicomweb, args.study_uid, args.series_uid) as folder:
             found = discover([folder], formats, exclude=[args.output_dir])
@@ -326,6 +327,8 @@ def _segment(
 def _store_segs(url: str, summary: CohortSummary, writers: list[OutputWriter]) -> int:
     """STOW-RS the DICOM-SEG of every scan segmented or skipped (a SEG stored again keeps its SOP Instance
     UID, so a rerun completes an interrupted store without duplicates). Returns the number that failed."""
+    from clinical.dicomweb import DicomWebError, store
+
     index = next(i for i, w in enumerate(writers) if isinstance(w, DicomSegWriter))
     failed = stored = 0
     for record in summary.records:

@@ -20,15 +20,15 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import nibabel as nib
 import numpy as np
 from isal import igzip
 from nibabel import volumeutils
-from pydicom.dataset import Dataset
 
-from clinical import dicom_series
+if TYPE_CHECKING:  # pydicom and clinical.dicom_series are imported by DicomFormat when a DICOM source is read
+    from pydicom.dataset import Dataset
 
 # Image formats users may point us at that this client does not read: one line each, with the fix.
 UNSUPPORTED_SUFFIXES = {
@@ -307,6 +307,8 @@ class DicomFormat:
         return path.name[:-4] if path.name.lower().endswith(".zip") else path.name
 
     def parts(self, path: Path) -> list[tuple[str, str]]:
+        from clinical import dicom_series
+
         try:
             found = dicom_series.find_ct_series(path)
         except dicom_series.DicomInputError as exc:
@@ -320,6 +322,8 @@ class DicomFormat:
         return [(s.series_uid, n) for s, n in zip(found, names) if self.series_uid in (None, s.series_uid)]
 
     def read_header(self, path: Path, part: str | None = None) -> Header:
+        from clinical import dicom_series
+
         try:
             shape, affine = dicom_series.read_ct_geometry(path, self._part(path, part))
         except dicom_series.DicomInputError as exc:
@@ -327,6 +331,8 @@ class DicomFormat:
         return Header(shape=shape, affine=affine)
 
     def read_volume(self, path: Path, part: str | None = None) -> Volume:
+        from clinical import dicom_series
+
         try:
             series, = dicom_series.read_ct_series(path, series_uid=self._part(path, part))
         except dicom_series.DicomInputError as exc:

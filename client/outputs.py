@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import nibabel as nib
 import numpy as np
@@ -26,10 +26,11 @@ from isal import igzip
 
 from client.inputs import Scan, Volume
 from clinical import structures
-from clinical.dicom_seg import write_dicom_seg
-from clinical.preview import write_preview
-from clinical.seg_nrrd import write_seg_nrrd
-from clinical.statistics import StructureStatistics, structure_statistics, write_statistics
+
+# The format modules are imported by their writers' `write`, so that NIfTI alone needs none of
+# highdicom/pydicom (DICOM-SEG), pynrrd (seg.nrrd) or matplotlib (preview).
+if TYPE_CHECKING:
+    from clinical.statistics import StructureStatistics
 
 OUTPUT_TYPES = ("nifti", "dicom-seg", "seg-nrrd")  # label-map outputs; --output-type
 
@@ -125,6 +126,8 @@ class DicomSegWriter:
     def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
         if volume.source_datasets is None:
             raise ValueError("a DICOM-SEG needs a DICOM input series to reference")
+        from clinical.dicom_seg import write_dicom_seg
+
         write_dicom_seg(label_map, volume.source_datasets, path)
 
 
@@ -136,6 +139,8 @@ class SegNrrdWriter:
         return f"{scan.relative.name}{suffix}.seg.nrrd"
 
     def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        from clinical.seg_nrrd import write_seg_nrrd
+
         write_seg_nrrd(path, label_map, volume.affine, structures.label_names(), structure_colors())
 
 
@@ -155,6 +160,8 @@ class StatisticsTable:
     def rows(self, label_map: np.ndarray, volume: Volume) -> list[StructureStatistics]:
         key = (id(label_map), id(volume))
         if key != self._key:
+            from clinical.statistics import structure_statistics
+
             self._rows = structure_statistics(label_map, volume.array, volume.affine, structures.label_names())
             self._key = key
         return self._rows
@@ -171,6 +178,8 @@ class StatisticsWriter:
         return f"{scan.relative.name}_statistics.{self.kind}"
 
     def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        from clinical.statistics import write_statistics
+
         rows = self.table.rows(label_map, volume)
         write_statistics(rows, json_path=path if self.kind == "json" else None,
                          csv_path=path if self.kind == "csv" else None)
@@ -184,6 +193,8 @@ class PreviewWriter:
         return f"{scan.relative.name}_preview.png"
 
     def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        from clinical.preview import write_preview
+
         write_preview(path, volume.array, volume.affine, label_map, structure_colors(), title=path.name)
 
 

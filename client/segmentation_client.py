@@ -44,6 +44,7 @@ from wholebody.contract import (
     RESOLUTION,
     RESOLUTIONS,
 )
+from wholebody.validation import estimated_resampled_voxels  # the server's own estimate; numpy only, no torch
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,6 @@ class ServerLimits:
             )
         resolution = resolution or self.default_resolution
         if self.max_resampled_voxels is not None and resolution in RESOLUTIONS:
-            # the server's own estimate (imported here: it brings MONAI, which only this check needs)
-            from wholebody.preprocessing import estimated_resampled_voxels
-
             pixdim = RESOLUTIONS[resolution].pixdim
             resampled = estimated_resampled_voxels(header.shape, header.affine, pixdim)
             if resampled > self.max_resampled_voxels:

@@ -14,7 +14,11 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensity, Spacing
 
-from wholebody.validation import InvalidRequestError
+# estimated_resampled_voxels lives with the size limits (torch-free, shared with the client); re-exported here
+from wholebody.validation import InvalidRequestError, estimated_resampled_voxels
+
+
+__all__ = ["InvalidVolumeError", "Preprocessed", "check_volume", "estimated_resampled_voxels", "preprocess"]
 
 
 class InvalidVolumeError(InvalidRequestError):
@@ -46,14 +50,6 @@ def check_volume(image: torch.Tensor | np.ndarray, affine: torch.Tensor | np.nda
         raise InvalidVolumeError(f"affine must be a finite 4x4 matrix, got shape {list(matrix.shape)}")
     if abs(np.linalg.det(matrix[:3, :3])) < 1e-9 or not np.allclose(matrix[3], [0, 0, 0, 1]):
         raise InvalidVolumeError("affine is not invertible (zero voxel size or degenerate axes)")
-
-
-def estimated_resampled_voxels(
-    shape: tuple[int, ...] | torch.Size, affine: np.ndarray, pixdim: tuple[float, float, float]
-) -> int:
-    """About how many voxels the image will have after resampling to `pixdim` (for size limits)."""
-    zooms = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0))
-    return int(np.prod(np.ceil(np.asarray(shape, np.float64) * zooms / np.asarray(pixdim)) + 1))
 
 
 @dataclass

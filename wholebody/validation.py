@@ -9,6 +9,8 @@ ensemble's config (`model_repository/wholebody_ct_segmentation/config.pbtxt`), w
 with `get_model_config` and refuse an oversize volume before sending it; every stage reads the same
 file at load (`read_size_limits`) and enforces them on its own inputs, so a direct request to an
 internal model is bounded too.
+
+No torch or MONAI either (numpy and protobuf): the client imports `estimated_resampled_voxels` from here.
 """
 
 from __future__ import annotations
@@ -122,6 +124,14 @@ def check_3d_shape(shape: Sequence[int], what: str) -> int:
     if min(dims) < 1:
         raise InvalidRequestError(f"{what} has an empty axis: shape {dims}")
     return math.prod(dims)
+
+
+def estimated_resampled_voxels(shape: Sequence[int], affine: np.ndarray, pixdim: Sequence[float]) -> int:
+    """About how many voxels a volume of `shape` and `affine` has after resampling to `pixdim` (mm):
+    what `max_resampled_voxels` bounds. Numpy only: the preprocess stage (server) and
+    `client.segmentation_client.ServerLimits` (client, no torch) share this one estimate."""
+    zooms = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0))
+    return int(np.prod(np.ceil(np.asarray(shape, np.float64) * zooms / np.asarray(pixdim)) + 1))
 
 
 def check_affine(matrix: np.ndarray, name: str = "affine") -> np.ndarray:
