@@ -5,10 +5,13 @@ and previews."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path, PurePath
 
@@ -17,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from client.cohort import MANIFEST_NAME, CohortOptions, CohortSummary, Record, run_cohort
+from client.cohort import MANIFEST_NAME, CohortLocked, CohortOptions, CohortSummary, Record, run_cohort
 from client.inputs import DicomFormat, Discovery, NiftiFormat, discover
 from client.outputs import (OUTPUT_TYPES, DicomSegWriter, NiftiLabelMapWriter, OutputError, OutputWriter,
                             check_output_dir, make_writers, plan_outputs)
@@ -63,12 +66,22 @@ The label map has the input's grid and affine, uint8 voxels: 0 = background, 1..
 structures of clinical/structures.json (names, colours, SNOMED CT codes), which must equal the
 server's label_names. Output types (--output-type, comma-separated, default nifti): {", ".join(OUTPUT_TYPES)};
 dicom-seg only for DICOM inputs (it references the series' slices and joins its study).
-Resume: rerunning the same command skips scans all of whose outputs exist (--overwrite replaces
-them). Every scan's outcome is appended to -o/{MANIFEST_NAME} (JSON lines: input, series_uid,
-outputs, status done/skipped/failed, server, seconds, error).
+Resume: rerunning the same command skips a scan only when all its outputs exist and the manifest says
+they were made from this very input (its SHA-256; the DICOM series UID) with the same resolution and
+network; a changed input, or another --resolution/--network, is segmented again. An existing output
+made from another input (another cohort with the same layout) or of unknown origin is not replaced:
+that scan fails with one line (--overwrite replaces it). One run at a time per -o folder: a second is
+refused with a line naming the first. Every scan's outcome is appended to -o/{MANIFEST_NAME} (JSON
+lines: input, input_sha256, series_uid, outputs, model, resolution, network, status
+done/skipped/failed, server, seconds, error). Symbolic links to folders are followed (loops searched
+once); every path not taken is named in one line (errors always, the rest unless -q).
+A disk or folder that cannot be written (full, read-only) stops the run with one line; finished
+scans are kept. Ctrl-C or SIGTERM cancels the requests in flight (their shared memory is released)
+and keeps finished scans: rerun the same command to resume.
 Exit status: 0 if every scan was segmented or skipped (and stored, with --store-seg), 1 if any failed
-(the others still run), 2 on usage errors (bad -o, two scans with one output, unknown structure
-names, dicom-seg for NIfTI inputs, a server whose label names differ), found before any request.
+(the others still run) or the run stopped, 2 on usage errors (bad -o, two scans with one output,
+unknown structure names, dicom-seg for NIfTI inputs, a server whose label names differ, another run
+writing to -o), found before any request; 130 after Ctrl-C, 143 after SIGTERM.
 """
 
 
@@ -150,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
     for chatty in ("highdicom", "dicomweb_client"):  # an INFO line per copied DICOM module / per HTTP request
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -257,6 +271,8 @@ def _segment(
         return 2
     for problem in found.problems:
         log.error("error: %s", problem)
+    for note in found.skipped:
+        log.info("%s", note)
     if not plan:
         return 1
     if not all(isinstance(w, NiftiLabelMapWriter) for w in writers) or label_filter is not None:
@@ -284,7 +300,8 @@ def _segment(
         outputs = ", ".join(os.path.relpath(p) if not os.path.isabs(p) else p for p in record.outputs)
         name = record.input + (f" (series {record.series_uid})" if record.series_uid else "")
         if record.status == "skipped":
-            bar.write(f"{name}: skipped, {outputs} exist (--overwrite replaces them)", file=sys.stdout)
+            bar.write(f"{name}: skipped, {outputs} already made from this input (--overwrite replaces them)",
+                      file=sys.stdout)
             return
         counts = record.label_counts or {}
         bar.write(f"{name} -> {outputs} ({len(counts)} structures, {record.server})", file=sys.stdout)
@@ -304,16 +321,24 @@ def _segment(
         max_attempts=1 + args.retries,
         counts=True,
         label_filter=label_filter,
+        command=" ".join(["python -m client", *(args.argv or [])]),
     )
     try:
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm(), _sigterm_as_interrupt() as signals:
             summary = run_cohort(plan, urls, options, writers, on_record=report)
     except KeyboardInterrupt:
-        log.error("interrupted; finished scans are kept: rerun the same command to resume")
-        return 130
+        bar.close()
+        how = "stopped by SIGTERM" if signals.got_sigterm else "interrupted"
+        log.error("%s; requests in flight cancelled, finished scans kept: rerun the same command to resume", how)
+        return 143 if signals.got_sigterm else 130
+    except CohortLocked as exc:
+        log.error("error: %s", exc)
+        return 2
     finally:
         bar.close()
-    failed = summary.count("failed") + len(found.problems)
+    if summary.stopped is not None:
+        log.error("error: the run stopped: %s", summary.stopped)
+    failed = summary.count("failed") + len(found.problems) + (summary.stopped is not None)
     if args.store_seg:
         failed += _store_segs(args.dicomweb, summary, writers)
     print(
@@ -322,6 +347,30 @@ def _segment(
         file=sys.stdout,
     )
     return 1 if failed else 0
+
+
+class _Signals:
+    got_sigterm = False
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[_Signals]:
+    """While inside: SIGTERM (what `kill`, systemd and Kubernetes send) ends the run as Ctrl-C does,
+    through KeyboardInterrupt in the main thread, so requests are cancelled and their regions released."""
+    signals = _Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        signals.got_sigterm = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield signals
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _store_segs(url: str, summary: CohortSummary, writers: list[OutputWriter]) -> int:

@@ -179,7 +179,8 @@ class OutputLock:
     def acquire(self) -> None:
         """Take the lock; raises CohortLocked naming the other run, OSError if the folder cannot be written."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # read-only: the lock is not a writer on the file system (a disk can still be remounted read-only)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -201,8 +202,7 @@ class OutputLock:
                                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                 "command": self.command or " ".join(sys.argv)})
             try:
-                os.ftruncate(fd, 0)
-                os.write(fd, owner.encode())
+                self.path.write_text(owner)
             except OSError:  # a full disk: the lock holds all the same, only its note is missing
                 pass
             self._fd = fd
@@ -211,10 +211,13 @@ class OutputLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        os.close(self._fd)  # closing drops the lock
-        self._fd = None
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:  # a folder gone read-only: the file stays, unlocked (the next run takes it)
+            log.debug("cannot remove %s: %s", self.path, exc)
+        finally:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
 
     def __enter__(self) -> OutputLock:
         self.acquire()

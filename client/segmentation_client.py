@@ -91,9 +91,11 @@ class ServerLimits:
             pixdim = RESOLUTIONS[resolution].pixdim
             resampled = estimated_resampled_voxels(header.shape, header.affine, pixdim)
             if resampled > self.max_resampled_voxels:
+                fix = ("crop it or raise the server's limit" if pixdim == max(r.pixdim for r in RESOLUTIONS.values())
+                       else "use --resolution lowres or crop it")
                 raise SegmentationError(
                     f"at {pixdim[0]} mm it would have {resampled:,} voxels, above the server's limit of "
-                    f"{self.max_resampled_voxels:,} (max_resampled_voxels); use --resolution lowres or crop it"
+                    f"{self.max_resampled_voxels:,} (max_resampled_voxels); {fix}"
                 )
 
 
