@@ -134,11 +134,12 @@ def _read_header(opener: object) -> Dataset | None:
     return None
 
 
-def _scan(path: Path) -> tuple[dict[str, list[_File]], dict[str, str], int]:
-    """Headers of every DICOM file, grouped by SeriesInstanceUID; other series' kinds; files skipped."""
+def _scan(path: Path) -> tuple[dict[str, list[_File]], dict[str, str], int, int]:
+    """Headers of every DICOM file, grouped by SeriesInstanceUID; other series' kinds; files skipped;
+    localizer images skipped."""
     series: dict[str, list[_File]] = {}
     others: dict[str, str] = {}
-    skipped = 0
+    skipped = localizers = 0
     for name, opener in _iter_files(path):
         header = _read_header(opener)
         if header is None:
@@ -163,15 +164,16 @@ def _scan(path: Path) -> tuple[dict[str, list[_File]], dict[str, str], int]:
             others[uid] = kind
             continue
         if "LOCALIZER" in [str(v).upper() for v in header.get("ImageType", [])]:
-            log.info("%s: skipping a localizer image", name)
+            log.debug("%s: skipping a localizer image", name)  # find_ct_series reports them once per source
+            localizers += 1
             continue
         series.setdefault(uid, []).append(_File(name, header, opener))
-    return series, others, skipped
+    return series, others, skipped, localizers
 
 
 def list_ct_series(path: str | Path) -> dict[str, int]:
     """SeriesInstanceUID -> number of CT slices, for every CT series in a folder or .zip."""
-    series, _, _ = _scan(Path(path))
+    series, _, _, _ = _scan(Path(path))
     return {uid: len(files) for uid, files in series.items()}
 
 
@@ -184,7 +186,7 @@ def read_ct_series(path: str | Path, series_uid: str | None = None) -> list[Dico
     uneven or duplicated slice positions, undecodable pixel data).
     """
     path = Path(path)
-    series, others, skipped = _scan(path)
+    series, others, skipped, _ = _scan(path)
     if series_uid is not None:
         if series_uid not in series:
             known = ", ".join(f"{u} ({len(f)} slices)" for u, f in series.items()) or "none"
@@ -217,7 +219,9 @@ def find_ct_series(path: str | Path) -> list[SeriesInfo]:
     Returns an empty list when there is none (other files and non-CT series are skipped as in
     `read_ct_series`). Raises DicomInputError when `path` does not exist.
     """
-    series, _, _ = _scan(Path(path))
+    series, _, _, localizers = _scan(Path(path))
+    if localizers:
+        log.info("%s: %d localizer image%s skipped", path, localizers, "s" if localizers > 1 else "")
     out = []
     for uid, files in series.items():
         first = files[0].header
@@ -237,7 +241,7 @@ def read_ct_geometry(path: str | Path, series_uid: str) -> tuple[tuple[int, int,
     The same checks as `read_ct_series` on the geometry (raises DicomInputError likewise).
     """
     path = Path(path)
-    series, others, _ = _scan(path)
+    series, _, _, _ = _scan(path)
     if series_uid not in series:
         raise DicomInputError(f"{path}: no CT series {series_uid}; CT series there: "
                               f"{', '.join(series) or 'none'}")

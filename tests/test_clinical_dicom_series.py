@@ -178,3 +178,21 @@ def test_inputs_without_a_ct_series_say_so(tmp_path: Path) -> None:
         read_ct_series(tmp_path / "empty")
     with pytest.raises(DicomInputError, match="no such file or folder"):
         read_ct_series(tmp_path / "missing")
+
+
+def test_a_localizer_is_named_once_per_source_however_often_the_series_is_read(
+        aorta_crop: nib.Nifti1Image, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from client.inputs import DicomFormat, discover
+
+    folder = tmp_path / "study"
+    write_ct_series(np.asanyarray(aorta_crop.dataobj), aorta_crop.affine, folder, series_uid="1.2.3.2")
+    scout = pydicom.dcmread(folder / "slice_00.dcm")
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.SOPInstanceUID = "1.2.3.2.999"
+    scout.save_as(folder / "scout.dcm")
+    with caplog.at_level("INFO"):
+        scan, = discover([folder]).scans
+        DicomFormat().read_header(folder, scan.series_uid)
+        DicomFormat().read_volume(folder, scan.series_uid)
+    lines = [r.getMessage() for r in caplog.records if "localizer" in r.getMessage()]
+    assert lines == [f"{folder}: 1 localizer image skipped"]
