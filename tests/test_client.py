@@ -10,6 +10,8 @@ import os
 import re
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -213,3 +215,40 @@ def test_a_server_killed_mid_run_loses_no_scan(
         name = Path(f"s{i:04d}") / "ct_seg.nii.gz"
         assert np.array_equal(labels_of(out / name), labels_of(single / name))
     assert our_regions(server) == ([], [])
+
+
+def test_two_cohorts_with_one_layout_into_one_folder_never_swap_patients(
+    server: LocalTritonServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cohort B (other patients, the same s000N/ct.nii.gz layout) into cohort A's -o: not one of A's label
+    maps is taken as B's result, none is replaced, and no request is sent; a concurrent run is refused."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "labels"
+    for i in range(2):
+        small_ct(a / f"s000{i}" / "ct.nii.gz", seed=20 + i)
+        small_ct(b / f"s000{i}" / "ct.nii.gz", seed=30 + i)
+    common = ["-o", str(out), "-u", server.grpc_url, "--resolution", "lowres", "-q"]
+    assert client_main([str(a), *common]) == 0
+    made = {p: p.read_bytes() for p in out.rglob("*.nii.gz")}
+    requests = ensemble_requests(server.grpc_url)
+    with caplog.at_level(logging.ERROR):
+        assert client_main([str(b), *common]) == 1
+    refused = [r.getMessage() for r in caplog.records if "was made from another input" in r.getMessage()]
+    assert len(refused) == 2 and all(str(a) in line and "--overwrite replaces it" in line for line in refused)
+    assert {p: p.read_bytes() for p in made} == made and ensemble_requests(server.grpc_url) == requests
+    assert all(r["status"] == "failed" for r in read_manifest(out / MANIFEST_NAME))
+    # at the same time: the second run is refused before any request, naming the first
+    first = subprocess.Popen([sys.executable, "-m", "client", str(a), *common, "--overwrite"], cwd=REPO_ROOT,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".segmentation.lock").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            code = client_main([str(b), *common, "--overwrite"])
+    finally:
+        _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    if code != 2:  # the first run ended before the second reached the lock
+        pytest.skip(f"the first run ended before the second started (exit {code}); timing, not a fault")
+    assert f"another run is writing there (pid {first.pid} on" in caplog.text
