@@ -58,6 +58,7 @@ import numpy as np
 from client.inputs import Header, Identity, Scan, ScanError, Volume, source_identity
 from client.outputs import NiftiLabelMapWriter, OutputWriter
 from client.segmentation_client import SegmentationClient, SegmentationError, ServerLimits
+from clinical.statistics import voxel_counts
 from wholebody.contract import ENSEMBLE
 
 log = logging.getLogger(__name__)
@@ -556,7 +557,7 @@ class _Run:
             return
         counts = None
         if self.options.counts:
-            values = np.bincount(finished.label_map.reshape(-1))
+            values = voxel_counts(finished.label_map)
             counts = {i: int(c) for i, c in enumerate(values) if c and i}
         item.volume = None  # free it before the next read
         try:

@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from client.inputs import FORMATS, Header, ScanError, Volume, native_array
 from client.outputs import label_map_image, write_nifti
+from clinical.statistics import voxel_counts
 from wholebody.contract import (
     AFFINE,
     ENSEMBLE,
@@ -134,7 +135,7 @@ class SegmentationResult:
 
     def voxel_counts(self, label_names: list[str]) -> dict[str, int]:
         """Voxels per structure present (background left out), in label order."""
-        counts = np.bincount(self.label_map.reshape(-1), minlength=len(label_names))
+        counts = voxel_counts(self.label_map)
         return {label_names[i]: int(counts[i]) for i in range(1, len(counts)) if counts[i] and i < len(label_names)}
 
 

@@ -77,3 +77,14 @@ def test_unknown_structure_names_list_the_closest_valid_ones() -> None:
     assert "'xyzzy'" in message and "'liver'" not in message
     with pytest.raises(ValueError, match="background"):
         structure_labels(["background"], NAMES)  # not a structure: listed among nothing
+
+
+def test_voxel_counts_equal_bincount_in_bounded_slabs() -> None:
+    from clinical.statistics import voxel_counts
+
+    rng = np.random.default_rng(3)
+    for order in ("C", "F"):
+        labels = np.asarray(rng.integers(0, 105, (37, 29, 23)), dtype=np.uint8, order=order)
+        assert np.array_equal(voxel_counts(labels, slab_voxels=500), np.bincount(labels.ravel(), minlength=256))
+    with pytest.raises(ValueError, match="must be uint8"):
+        voxel_counts(np.zeros((2, 2, 2), np.int32))
