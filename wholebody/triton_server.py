@@ -540,10 +540,9 @@ class StubWatchdog:
     the new one is ready, and the ensemble is not touched. A reload that fails leaves the model
     unavailable, and then the server's readiness (strict) answers not ready.
 
-    First in every interval, `regions` (ClientRegionReclaimer) unregisters the shared-memory regions of
-    clients that exited and removes their /dev/shm files: within one interval (2 s) of the client's
-    death, or of the end of the request still using them (later only while a reload in the previous
-    interval still runs: 2-4 s).
+    In a thread of its own, every `interval_s`, `regions` (ClientRegionReclaimer) unregisters the
+    shared-memory regions of clients that exited and removes their /dev/shm files: within one interval
+    (2 s) of the client's death, or of the end of the request still using them, also while a reload runs.
     """
 
     server: LocalTritonServer
@@ -553,17 +552,39 @@ class StubWatchdog:
     regions: ClientRegionReclaimer = field(default_factory=ClientRegionReclaimer)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _regions_thread: threading.Thread | None = None
 
     def start(self) -> StubWatchdog:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="stub-watchdog", daemon=True)
         self._thread.start()
+        # its own thread: a model reload (7-10 s on 2 cores) must not hold up reclaiming
+        self._regions_thread = threading.Thread(target=self._reclaim_loop, name="client-regions", daemon=True)
+        self._regions_thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=120)
+        for thread in (self._thread, self._regions_thread):
+            if thread is not None:
+                thread.join(timeout=120)
+
+    def _reclaim_loop(self) -> None:
+        """Every interval: `regions.reclaim` (a dead client's shared-memory regions), with the operator key."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        headers = operator_headers(self.server.operator_key)
+        client = grpcclient.InferenceServerClient(self.server.grpc_url)
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self.regions.reclaim(client, headers)
+                except InferenceServerException as exc:
+                    if not self._stop.is_set():
+                        log.warning("watchdog: client shared-memory regions: %s", exc.message())
+        finally:
+            client.close()
 
     @staticmethod
     def configured_stubs(config: dict[str, Any], gpus: int | None = None) -> int:
@@ -600,11 +621,6 @@ class StubWatchdog:
         last_cpu = -1.0
         try:
             while not self._stop.wait(self.interval_s):
-                try:
-                    self.regions.reclaim(client, headers)
-                except InferenceServerException as exc:
-                    if not self._stop.is_set():
-                        log.warning("watchdog: client shared-memory regions: %s", exc.message())
                 try:
                     index = client.get_model_repository_index(headers=headers, as_json=True).get("models", [])
                     ready = {m["name"] for m in index if m.get("state") == "READY"}
