@@ -15,23 +15,24 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
 from pathlib import Path
 from types import TracebackType
 
 import nibabel as nib
 import numpy as np
 import tritonclient.grpc as grpcclient
-import tritonclient.utils.shared_memory as shm
+from tritonclient.grpc._client import CallContext
 from tritonclient.utils import InferenceServerException
 
 from client.inputs import FORMATS, Header, ScanError, Volume, native_array
 from client.outputs import label_map_image, write_nifti
 from clinical.statistics import voxel_counts
+from wholebody.client_regions import PREFIX, region_name, this_process
 from wholebody.contract import (
     AFFINE,
     ENSEMBLE,
@@ -52,10 +53,13 @@ log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 # Triton's gRPC server and this client accept messages up to INT32_MAX bytes; keep room for the rest.
 GRPC_MESSAGE_LIMIT = 2**31 - 1 - 2**20
-SHM_PREFIX = "wholebody_client"  # region names: wholebody_client_<pid>_<n>_in|out
+# region names: wholebody_client_<pid>_<start ticks>_<pid namespace>_<n>_in|out (wholebody.client_regions)
+SHM_PREFIX = PREFIX
 READY_TIMEOUT_S = 30.0  # the readiness check's bound when no timeout is given
 # gRPC status codes after which the same scan may succeed on another server
 RETRYABLE_STATUS = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.UNKNOWN")
+CANCELLED = "cancelled: SegmentationClient.abort() was called"
+ABORT_UNREGISTER_TIMEOUT_S = 2.0  # the one unregistration try of an aborted request's regions, per region
 _region_ids = itertools.count()
 
 
@@ -139,8 +143,70 @@ class SegmentationResult:
         return {label_names[i]: int(counts[i]) for i in range(1, len(counts)) if counts[i] and i < len(label_names)}
 
 
+class _Region:
+    """One of the client's system shared-memory regions: a new /dev/shm file (never an existing one),
+    mapped in this process.
+
+    `unlink` (any thread; idempotent) removes the /dev/shm name; `close` (the thread using the mapping)
+    unlinks and unmaps. Triton maps the file itself at registration, so unlinking never disturbs it.
+    Raises FileExistsError when a file of that name exists, OSError when /dev/shm is full.
+    """
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.size = size  # bytes
+        self._memory = shared_memory.SharedMemory(name, create=True, size=size)
+        self._unlinked = False
+        self._lock = threading.Lock()
+
+    @property
+    def key(self) -> str:
+        """The POSIX shared-memory key Triton opens."""
+        return f"/{self.name}"
+
+    def write(self, array: np.ndarray) -> None:
+        """Copy `array` in, in C order (the region must hold at least its bytes)."""
+        np.ndarray(array.shape, array.dtype, buffer=self._memory.buf)[...] = array
+
+    def read(self, dtype: type, shape: list[int]) -> np.ndarray:
+        """A Fortran-order copy (what NIfTI writing wants) of the region's first prod(shape) elements."""
+        return np.array(np.ndarray(shape, dtype, buffer=self._memory.buf), order="F")
+
+    def unlink(self) -> None:
+        """Remove the /dev/shm file (once; later calls do nothing). The mapping stays usable."""
+        with self._lock:
+            if self._unlinked:
+                return
+            self._unlinked = True
+        try:
+            self._memory.unlink()
+        except FileNotFoundError:
+            log.warning("shared-memory file %s was removed by someone else", self.name)
+
+    def close(self) -> None:
+        """Unlink, then unmap. An array still viewing the mapping (held by an exception's traceback)
+        keeps it mapped until that array is freed; the file is gone already."""
+        self.unlink()
+        try:
+            self._memory.close()
+        except BufferError:
+            log.debug("shared-memory region %s is still viewed; unmapped when the view is freed", self.name)
+
+
+@dataclass
+class _Call:
+    """The request in flight on a client: its regions, its gRPC call, and the slot its answer lands in."""
+
+    regions: list[_Region] = field(default_factory=list)
+    context: CallContext | None = None  # once sent: cancel() ends it
+    done: threading.Event = field(default_factory=threading.Event)  # set by the answer, or by abort()
+    result: grpcclient.InferResult | None = None
+    error: InferenceServerException | None = None
+
+
 class SegmentationClient:
-    """Client of the ensemble on one Triton server (gRPC). One instance per thread.
+    """Client of the ensemble on one Triton server (gRPC). One instance per thread: every method
+    belongs to the thread that uses the client, except `abort()`, which any thread may call.
 
     Args:
         url: host:port of the server's gRPC endpoint.
@@ -149,7 +215,12 @@ class SegmentationClient:
         timeout_s: bound on each request, from connecting to the last byte received; a request that
             runs over raises SegmentationError "timed out after N s".
         release_wait_s: how long `close()` waits for the server to finish requests this client gave
-            up on (timeouts), so that their shared-memory regions can be unregistered.
+            up on (timeouts, KeyboardInterrupt), so that their shared-memory regions can be
+            unregistered; not at all after `abort()`.
+
+    Shared-memory regions are named after this process (wholebody.client_regions): if it dies with a
+    request in flight, the launcher's watchdog on the server's host unregisters them and removes their
+    /dev/shm files within 2 s of its death, or of the end of the request still using them.
     """
 
     def __init__(
@@ -171,19 +242,85 @@ class SegmentationClient:
         self._limits: ServerLimits | None = None
         self._accepts_int16: bool | None = None
         self._pending_release: list[str] = []  # regions the server still holds for an abandoned request
-        self._lock = threading.Lock()
+        # re-entrant: abort() may run in a signal handler, i.e. in the main thread between two bytecodes
+        # of a segment() that holds the lock
+        self._lock = threading.RLock()
+        self._aborted = threading.Event()
+        self._inflight: _Call | None = None  # guarded by _lock
 
     # --- life cycle -----------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Cancel this client for good: the request in flight stops at once, and every later one.
+
+        Thread-safe; any thread may call it, any number of times, also a Python signal handler (it
+        only takes a re-entrant lock held for microseconds, and never waits for the server). When it
+        returns:
+
+        - the /dev/shm files of the request in flight (if any) are unlinked (the memory is freed once
+          neither this process nor the server maps it);
+        - its gRPC call is cancelled, and the thread waiting in `segment()` (or `segment_volume`,
+          `segment_file`) wakes: it raises SegmentationError("cancelled: ...", retryable=False)
+          within milliseconds. If that thread is in a short control call instead (registering a region,
+          reading the config; bounded by `timeout_s`), or copying the volume into its region (~0.1 s
+          per 225 MiB), it raises the same error when that step ends. On its way out it unmaps the
+          regions and tries once to unregister them (at most ABORT_UNREGISTER_TIMEOUT_S = 2 s each;
+          the server refuses while it still computes the request);
+        - `segment()`, `segment_volume()` and `segment_file()` raise that same cancelled error at once;
+          `check_ready()`, `label_names()`, `limits()` still work;
+        - `close()` does not wait for abandoned requests (`release_wait_s` is ignored): it tries once
+          to unregister what is left, then closes the channel. Call it from the thread that owns the
+          client, after its `segment()` has raised.
+
+        The cancelled error is not retryable (a retry loop must not send the scan again); `aborted`
+        tells it from a failure. Triton 2.51 computes a cancelled request to its end, and regions it
+        still uses stay registered: once this process has exited, the launcher's watchdog
+        (`python -m wholebody.triton_server serve`) unregisters them within 2 s of the end of that
+        request. A KeyboardInterrupt raised inside `segment()` (SIGINT in the main thread) is not an
+        abort: the call is cancelled, the regions are unlinked and unregistration tried once, the
+        KeyboardInterrupt goes on, and `close()` then waits up to `release_wait_s` for the server to
+        let go; call `abort()` when handling it to exit without waiting.
+        """
+        with self._lock:
+            self._aborted.set()
+            call = self._inflight
+            regions = list(call.regions) if call is not None else []
+            context = call.context if call is not None else None
+        for region in regions:
+            region.unlink()
+        if context is not None:
+            context.cancel()
+        if call is not None:
+            call.done.set()
+            log.info("aborted the request in flight to %s", self.url)
+
+    @property
+    def aborted(self) -> bool:
+        """Whether `abort()` was called."""
+        return self._aborted.is_set()
+
+    def _check_aborted(self) -> None:
+        if self._aborted.is_set():
+            raise SegmentationError(CANCELLED)
+
     def close(self) -> None:
-        """Unregister what the server still holds of abandoned requests (waiting up to release_wait_s)."""
+        """Unregister what the server still holds of abandoned requests (waiting up to release_wait_s;
+        after `abort()`, one try without waiting), then close the connection."""
         try:
             if self._pending_release:
-                log.info(
-                    "waiting up to %.0f s for %s to finish %d abandoned request(s) and release their shared memory",
-                    self.release_wait_s, self.url, len(self._pending_release) // 2 or 1,
-                )
-                self.release_pending(self.release_wait_s)
+                wait_s = 0.0 if self.aborted else self.release_wait_s
+                if wait_s:
+                    log.info(
+                        "waiting up to %.0f s for %s to finish %d abandoned request(s) and release their shared "
+                        "memory", wait_s, self.url, len(self._pending_release) // 2 or 1,
+                    )
+                self.release_pending(wait_s)
                 for name in self._pending_release:
+                    if self.aborted:
+                        log.info(
+                            "the server at %s still uses shared-memory region %s; its watchdog unregisters it "
+                            "once this process has exited", self.url, name,
+                        )
+                        continue
                     log.warning(
                         "the server at %s still holds shared-memory region %s; it is released when the server "
                         "restarts, or: curl -X POST http://HOST:8000/v2/systemsharedmemory/region/%s/unregister",
@@ -306,8 +443,12 @@ class SegmentationClient:
             resolution: "highres" | "lowres"; None = the server's default.
             network: a network variant (contract.VARIANTS); None = the server's default.
         Raises:
-            SegmentationError: the server refused the volume, failed, or `timeout_s` ran out.
+            SegmentationError: the server refused the volume, failed, or `timeout_s` ran out; "cancelled"
+                (retryable=False) once `abort()` was called, from any thread.
+            KeyboardInterrupt: (SIGINT in the main thread) after cancelling the call and unlinking the
+                regions (see `abort()`).
         """
+        self._check_aborted()
         deadline = self._deadline()
         self.release_pending(0.0)
         int16 = image.dtype == np.int16 and self.accepts_int16()
@@ -325,22 +466,69 @@ class SegmentationClient:
         image_input = grpcclient.InferInput(name, list(image.shape), datatype)
         inputs.append(image_input)
         output = grpcclient.InferRequestedOutput(LABEL_MAP)
+        call = _Call()
+        with self._lock:
+            self._check_aborted()
+            self._inflight = call
         try:
             if self.use_shared_memory:
-                return self._infer_shared_memory(model, image, image_input, inputs, output, deadline)
+                return self._infer_shared_memory(call, model, image, image_input, inputs, output, deadline)
             if image.nbytes > GRPC_MESSAGE_LIMIT:
                 raise SegmentationError(
                     f"{image.nbytes / 2**30:.1f} GiB of {datatype} voxels is above gRPC's 2 GiB message limit; "
                     "run the client on the server's host (shared memory, the default for localhost) or crop the image"
                 )
             image_input.set_data_from_numpy(np.ascontiguousarray(image))
-            result = self._client.infer(model, inputs, outputs=[output], client_timeout=self._remaining(deadline))
-            return result.as_numpy(LABEL_MAP)
+            self._check_aborted()
+            return self._infer(call, model, inputs, output, deadline).as_numpy(LABEL_MAP)
         except InferenceServerException as exc:
             raise self._error(exc) from None
+        finally:
+            with self._lock:
+                self._inflight = None
+
+    def _infer(
+        self,
+        call: _Call,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        output: grpcclient.InferRequestedOutput,
+        deadline: float | None,
+    ) -> grpcclient.InferResult:
+        """Send the request and wait for its answer in `call`; `abort()` from any thread ends the wait.
+
+        Raises InferenceServerException (the server's error, or DEADLINE_EXCEEDED at `deadline`),
+        SegmentationError (CANCELLED) after `abort()`. An exception raised while waiting
+        (KeyboardInterrupt) cancels the call and goes on.
+        """
+
+        def answered(result: grpcclient.InferResult | None, error: InferenceServerException | None) -> None:
+            call.result, call.error = result, error
+            call.done.set()
+
+        self._check_aborted()
+        context = self._client.async_infer(
+            model, inputs, answered, outputs=[output], client_timeout=self._remaining(deadline)
+        )
+        call.context = context  # then the check: abort() either sees the context or is seen here
+        try:
+            if not self._aborted.is_set():
+                call.done.wait()
+        except BaseException:
+            context.cancel()
+            raise
+        if self._aborted.is_set():
+            context.cancel()  # abort() may have run before the call existed
+            raise SegmentationError(CANCELLED)
+        if call.error is not None:
+            raise call.error
+        if call.result is None:
+            raise SegmentationError(f"the server at {self.url} answered neither a result nor an error")
+        return call.result
 
     def _infer_shared_memory(
         self,
+        call: _Call,
         model: str,
         image: np.ndarray,
         image_input: grpcclient.InferInput,
@@ -350,54 +538,62 @@ class SegmentationClient:
     ) -> np.ndarray:
         """Send the image and receive the labels through two system shared-memory regions.
 
-        The client's regions are always destroyed (unmapped, removed from /dev/shm) on the way out.
-        If the server still uses them (a request abandoned at its timeout), their registration is
-        kept in `_pending_release` and unregistered once the server has finished with them.
+        The client's regions are always destroyed (removed from /dev/shm, unmapped) on the way out.
+        If the server still uses them (a request abandoned at its timeout or by a KeyboardInterrupt),
+        their registration is kept in `_pending_release` and unregistered once the server has
+        finished with them; after `abort()`, unregistration is tried once (the watchdog reclaims the
+        rest once this process has exited).
         """
-        tag = f"{SHM_PREFIX}_{os.getpid()}_{next(_region_ids)}"
-        regions = {"in": (f"{tag}_in", image.nbytes), "out": (f"{tag}_out", int(np.prod(image.shape)))}
-        handles: dict[str, shm.SharedMemoryRegion] = {}
+        owner, serial = this_process(), next(_region_ids)
+        sizes = {"in": image.nbytes, "out": int(np.prod(image.shape))}
         registered: list[str] = []
         answered = False
         try:
-            for role, (region, size) in regions.items():
-                handles[role] = shm.create_shared_memory_region(region, f"/{region}", size)
+            for role, size in sizes.items():
+                region = _Region(region_name(owner, serial, role), size)
+                with self._lock:
+                    call.regions.append(region)
+                self._check_aborted()
                 self._client.register_system_shared_memory(
-                    region, f"/{region}", size, client_timeout=self._remaining(deadline)
+                    region.name, region.key, size, client_timeout=self._remaining(deadline)
                 )
-                registered.append(region)
-            shm.set_shared_memory_region(handles["in"], [image])  # copies into C order
-            image_input.set_shared_memory(*regions["in"])
-            output.set_shared_memory(*regions["out"])
+                registered.append(region.name)
+            source, labels = call.regions
+            source.write(image)  # copies into C order
+            self._check_aborted()
+            image_input.set_shared_memory(source.name, source.size)
+            output.set_shared_memory(labels.name, labels.size)
             try:
-                result = self._client.infer(
-                    model, inputs, outputs=[output], client_timeout=self._remaining(deadline)
-                )
+                result = self._infer(call, model, inputs, output, deadline)
             except InferenceServerException as exc:
                 # the server answered (an error) unless the client gave up waiting
                 answered = exc.status() != "StatusCode.DEADLINE_EXCEEDED"
                 raise
             answered = True
-            shape = result.get_output(LABEL_MAP).shape
-            view = shm.get_contents_as_numpy(handles["out"], np.uint8, list(shape))
-            labels = np.array(view, order="F")  # the copy NIfTI writing wants (client.outputs)
-            del view
-            return labels
+            return labels.read(np.uint8, list(result.get_output(LABEL_MAP).shape))
         finally:
-            for region in registered:
-                self._release(region, attempts=20 if answered else 1)
-            for handle in handles.values():
-                shm.destroy_shared_memory_region(handle)
+            with self._lock:
+                regions = list(call.regions)
+            for region in regions:
+                region.unlink()  # first: nothing of ours stays in /dev/shm, whatever happens next
+            aborted = self._aborted.is_set()
+            for name in registered:
+                if aborted:
+                    self._release(name, attempts=1, timeout_s=ABORT_UNREGISTER_TIMEOUT_S)
+                else:
+                    self._release(name, attempts=20 if answered else 1)
+            for region in regions:
+                region.close()
 
-    def _release(self, region: str, attempts: int = 20) -> None:
+    def _release(self, region: str, attempts: int = 20, timeout_s: float = 10.0) -> None:
         """Unregister a region; the server may hold it for a moment after the response arrives.
 
         If it is still in use after that (an abandoned request), it is released later
-        (`release_pending`); if the server is gone, so is its registration.
+        (`release_pending`); if the server is gone, so is its registration. `timeout_s` bounds each try.
         """
         for attempt in range(attempts):
             try:
-                self._client.unregister_system_shared_memory(region, client_timeout=10.0)
+                self._client.unregister_system_shared_memory(region, client_timeout=timeout_s)
                 return
             except InferenceServerException as exc:
                 if "in use" not in (exc.message() or ""):
@@ -406,7 +602,8 @@ class SegmentationClient:
                     if exc.status() == "StatusCode.DEADLINE_EXCEEDED":
                         break
                     return
-                time.sleep(0.01 * (attempt + 1))
+                if attempt + 1 < attempts:
+                    time.sleep(0.01 * (attempt + 1))
         with self._lock:
             self._pending_release.append(region)
 
@@ -432,7 +629,10 @@ class SegmentationClient:
     def segment_volume(
         self, volume: Volume, resolution: str | None = None, network: str | None = None
     ) -> np.ndarray:
-        """Labels of a `Volume` (client.inputs), checked against the server's limits first."""
+        """Labels of a `Volume` (client.inputs), checked against the server's limits first.
+
+        Raises SegmentationError as `segment` does."""
+        self._check_aborted()
         self.limits().check(Header(tuple(volume.array.shape), volume.affine), resolution)  # type: ignore[arg-type]
         label_map = self.segment(volume.array, volume.affine, resolution=resolution, network=network)
         if label_map.shape != volume.array.shape:
@@ -444,7 +644,10 @@ class SegmentationClient:
     def segment_file(
         self, input_path: Path, output_path: Path, resolution: str | None = None, network: str | None = None
     ) -> SegmentationResult:
-        """Segment a NIfTI CT and write its labels (uint8, the input's affine and header) atomically."""
+        """Segment a NIfTI CT and write its labels (uint8, the input's affine and header) atomically.
+
+        Raises SegmentationError (its message starts with the input's path) as `segment` does."""
+        self._check_aborted()
         input_path, output_path = Path(input_path), Path(output_path)
         volume = _read_volume(input_path, self.limits(), resolution)
         try:
