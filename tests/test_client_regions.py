@@ -35,6 +35,7 @@ from wholebody.client_regions import (
     this_process,
 )
 from wholebody.contract import ENSEMBLE, ENSEMBLE_INT16, REPO_ROOT
+from wholebody.sample_data import synthetic_ct
 from wholebody.triton_server import ClientRegionReclaimer, LocalTritonServer
 
 log = logging.getLogger(__name__)
@@ -416,3 +417,43 @@ def test_a_live_clients_regions_are_never_reclaimed(server: LocalTritonServer, d
         for memory in created:
             memory.close()
             memory.unlink()
+
+
+def test_the_cli_stopped_by_sigterm_says_how_to_resume_and_leaves_nothing(
+    server: LocalTritonServer, tmp_path: Path
+) -> None:
+    """`kill` (SIGTERM, what systemd and Kubernetes send) to `python -m client` mid-request: it exits 143 at
+    once with the resume line, its /dev/shm files and its -o lock gone; the server's regions after the
+    request ends; the rerun segments the scan."""
+    ct = tmp_path / "cohort" / "ct.nii.gz"
+    ct.parent.mkdir()
+    nib.save(synthetic_ct((LONG_CT, LONG_CT, LONG_CT), (1.5, 1.5, 1.5), seed=3), ct)
+    out = tmp_path / "labels"
+    command = [sys.executable, "-m", "client", str(ct.parent), "-o", str(out), "-u", server.grpc_url,
+               "--resolution", "highres"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        mine = f"{PREFIX}_{process.pid}_"
+        deadline = time.monotonic() + 60
+        while len(regions := [n for n in server_regions(server.grpc_url) if n.startswith(mine)]) < 2:
+            assert time.monotonic() < deadline and process.poll() is None, "the CLI never registered its regions"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, stderr
+    assert took < 5.0, f"the CLI took {took:.1f} s to stop"
+    assert "stopped by SIGTERM; requests in flight cancelled, finished scans kept: rerun the same command" in stderr
+    assert files_of(process.pid) == [] and not (out / ".segmentation.lock").exists()
+    assert not list(out.rglob("*.nii.gz"))
+    deadline = time.monotonic() + 300
+    while set(regions) & set(server_regions(server.grpc_url)):
+        assert time.monotonic() < deadline, "the stopped CLI's regions are still registered"
+        time.sleep(0.1)
+    print(f"SIGTERM: the CLI exited {took:.2f} s after the signal")
