@@ -74,6 +74,15 @@ class Volume:
     like: nib.Nifti1Image | nib.Nifti2Image
     source_datasets: list[Dataset] | None = None
 
+    def adopt(self, array: np.ndarray) -> None:
+        """Hold `array`, the same voxels kept elsewhere (a client's shared-memory region, C order), instead
+        of the own copy, which is freed unless referenced elsewhere. Raises ValueError for another shape."""
+        if tuple(array.shape) != tuple(self.array.shape):
+            raise ValueError(f"cannot adopt an array of shape {list(array.shape)} for {list(self.array.shape)}")
+        if self.like.dataobj is self.array:  # the header image shares the voxels: let it share the new ones
+            self.like = type(self.like)(array, self.like.affine, self.like.header)
+        self.array = array
+
 
 class ScanFormat(Protocol):
     """A way a CT volume is stored. Implementations: `NiftiFormat`, `DicomFormat`.

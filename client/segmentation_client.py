@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import mmap
+import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing import shared_memory
 from pathlib import Path
 from types import TracebackType
 
@@ -55,6 +57,7 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 GRPC_MESSAGE_LIMIT = 2**31 - 1 - 2**20
 # region names: wholebody_client_<pid>_<start ticks>_<pid namespace>_<n>_in|out (wholebody.client_regions)
 SHM_PREFIX = PREFIX
+SHM_DIR = Path("/dev/shm")  # where POSIX shared memory lives on Linux (shm_open names)
 READY_TIMEOUT_S = 30.0  # the readiness check's bound when no timeout is given
 # gRPC status codes after which the same scan may succeed on another server
 RETRYABLE_STATUS = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.UNKNOWN")
@@ -144,18 +147,30 @@ class SegmentationResult:
 
 
 class _Region:
-    """One of the client's system shared-memory regions: a new /dev/shm file (never an existing one),
-    mapped in this process.
+    """One of the client's system shared-memory regions: a new file in /dev/shm (never an existing one,
+    its space reserved up front), mapped in this process.
 
     `unlink` (any thread; idempotent) removes the /dev/shm name; `close` (the thread using the mapping)
-    unlinks and unmaps. Triton maps the file itself at registration, so unlinking never disturbs it.
-    Raises FileExistsError when a file of that name exists, OSError when /dev/shm is full.
+    unlinks and drops this object's mapping. Triton maps the file itself at registration, so the name
+    is unlinked right after it: from then on nothing of the request is left in /dev/shm whatever
+    happens to this process. Arrays from `view` keep the mapping alive after `close` (numpy holds the
+    mmap; it is unmapped when the last of them is freed). Raises FileExistsError when a file of that
+    name exists, OSError (ENOSPC) when /dev/shm cannot hold `size` bytes.
     """
 
     def __init__(self, name: str, size: int) -> None:
         self.name = name
         self.size = size  # bytes
-        self._memory = shared_memory.SharedMemory(name, create=True, size=size)
+        self._path = SHM_DIR / name
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, max(size, 1))  # ENOSPC now, not SIGBUS at the first write
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, max(size, 1))
+        except BaseException:
+            self._path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
         self._unlinked = False
         self._lock = threading.Lock()
 
@@ -164,33 +179,41 @@ class _Region:
         """The POSIX shared-memory key Triton opens."""
         return f"/{self.name}"
 
+    def view(self, dtype: np.dtype | type, shape: tuple[int, ...] | list[int]) -> np.ndarray:
+        """The region's first prod(shape) elements as a C-order array (no copy; keeps the mapping alive)."""
+        assert self._mmap is not None, "region closed"
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(self._mmap, dtype=dtype, count=count).reshape(shape)
+
     def write(self, array: np.ndarray) -> None:
         """Copy `array` in, in C order (the region must hold at least its bytes)."""
-        np.ndarray(array.shape, array.dtype, buffer=self._memory.buf)[...] = array
+        self.view(array.dtype, array.shape)[...] = array
 
     def read(self, dtype: type, shape: list[int]) -> np.ndarray:
         """A Fortran-order copy (what NIfTI writing wants) of the region's first prod(shape) elements."""
-        return np.array(np.ndarray(shape, dtype, buffer=self._memory.buf), order="F")
+        return np.array(self.view(dtype, shape), order="F")
 
     def unlink(self) -> None:
-        """Remove the /dev/shm file (once; later calls do nothing). The mapping stays usable."""
+        """Remove the /dev/shm file (once; later calls do nothing). The mappings stay usable."""
         with self._lock:
             if self._unlinked:
                 return
             self._unlinked = True
         try:
-            self._memory.unlink()
+            self._path.unlink()
         except FileNotFoundError:
             log.warning("shared-memory file %s was removed by someone else", self.name)
 
     def close(self) -> None:
-        """Unlink, then unmap. An array still viewing the mapping (held by an exception's traceback)
-        keeps it mapped until that array is freed; the file is gone already."""
+        """Unlink, then unmap unless an array from `view` still uses the mapping (then it is unmapped when
+        the last such array is freed: an adopted volume, or one held by an exception's traceback)."""
         self.unlink()
-        try:
-            self._memory.close()
-        except BufferError:
-            log.debug("shared-memory region %s is still viewed; unmapped when the view is freed", self.name)
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                log.debug("shared-memory region %s is still viewed; unmapped when the view is freed", self.name)
+            self._mmap = None
 
 
 @dataclass
@@ -448,12 +471,27 @@ class SegmentationClient:
             KeyboardInterrupt: (SIGINT in the main thread) after cancelling the call and unlinking the
                 regions (see `abort()`).
         """
+        return self._segment([image], affine, resolution, network)
+
+    def _segment(
+        self,
+        holder: list[np.ndarray],
+        affine: np.ndarray,
+        resolution: str | None,
+        network: str | None,
+        adopt: Callable[[np.ndarray], None] | None = None,
+    ) -> np.ndarray:
+        """`segment` of `holder[0]`. With shared memory, `holder` is emptied as soon as the image is in
+        the input region, and `adopt` (if given) receives a C-order view of it there: a caller that
+        holds the image nowhere else and adopts the view frees its own copy during the request (the
+        client then holds the volume once, not twice)."""
         self._check_aborted()
         deadline = self._deadline()
         self.release_pending(0.0)
-        int16 = image.dtype == np.int16 and self.accepts_int16()
-        if not int16 and image.dtype != np.float32:
-            image = image.astype(np.float32)
+        int16 = holder[0].dtype == np.int16 and self.accepts_int16()
+        if not int16 and holder[0].dtype != np.float32:
+            holder[0] = holder[0].astype(np.float32)
+        shape, dtype = tuple(holder[0].shape), holder[0].dtype
         model, name, datatype = (ENSEMBLE_INT16, IMAGE_INT16, "INT16") if int16 else (self.model_name, IMAGE, "FP32")
         affine = np.ascontiguousarray(affine, dtype=np.float64)
         inputs = [grpcclient.InferInput(AFFINE, list(affine.shape), "FP64")]
@@ -463,7 +501,7 @@ class SegmentationClient:
                 tensor = grpcclient.InferInput(key, [1], "BYTES")
                 tensor.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
                 inputs.append(tensor)
-        image_input = grpcclient.InferInput(name, list(image.shape), datatype)
+        image_input = grpcclient.InferInput(name, list(shape), datatype)
         inputs.append(image_input)
         output = grpcclient.InferRequestedOutput(LABEL_MAP)
         call = _Call()
@@ -472,7 +510,9 @@ class SegmentationClient:
             self._inflight = call
         try:
             if self.use_shared_memory:
-                return self._infer_shared_memory(call, model, image, image_input, inputs, output, deadline)
+                return self._infer_shared_memory(
+                    call, model, holder, image_input, inputs, output, deadline, shape, dtype, adopt)
+            image = holder.pop()
             if image.nbytes > GRPC_MESSAGE_LIMIT:
                 raise SegmentationError(
                     f"{image.nbytes / 2**30:.1f} GiB of {datatype} voxels is above gRPC's 2 GiB message limit; "
@@ -530,13 +570,17 @@ class SegmentationClient:
         self,
         call: _Call,
         model: str,
-        image: np.ndarray,
+        holder: list[np.ndarray],
         image_input: grpcclient.InferInput,
         inputs: list[grpcclient.InferInput],
         output: grpcclient.InferRequestedOutput,
         deadline: float | None,
+        image_shape: tuple[int, ...],
+        image_dtype: np.dtype,
+        adopt: Callable[[np.ndarray], None] | None = None,
     ) -> np.ndarray:
-        """Send the image and receive the labels through two system shared-memory regions.
+        """Send the image (`holder`'s one array, taken out of it once copied) and receive the labels
+        through two system shared-memory regions; `adopt` as in `_segment`.
 
         The client's regions are always destroyed (removed from /dev/shm, unmapped) on the way out.
         If the server still uses them (a request abandoned at its timeout or by a KeyboardInterrupt),
@@ -545,7 +589,8 @@ class SegmentationClient:
         rest once this process has exited).
         """
         owner, serial = this_process(), next(_region_ids)
-        sizes = {"in": image.nbytes, "out": int(np.prod(image.shape))}
+        voxels = int(np.prod(image_shape, dtype=np.int64))
+        sizes = {"in": voxels * image_dtype.itemsize, "out": voxels}
         registered: list[str] = []
         answered = False
         try:
@@ -558,8 +603,11 @@ class SegmentationClient:
                     region.name, region.key, size, client_timeout=self._remaining(deadline)
                 )
                 registered.append(region.name)
+                region.unlink()  # the server has mapped it: no name left behind, whatever happens next
             source, labels = call.regions
-            source.write(image)  # copies into C order
+            source.write(holder.pop())  # copies into C order
+            if adopt is not None:
+                adopt(source.view(image_dtype, image_shape))  # the caller may now drop its own copy
             self._check_aborted()
             image_input.set_shared_memory(source.name, source.size)
             output.set_shared_memory(labels.name, labels.size)
@@ -634,7 +682,8 @@ class SegmentationClient:
         Raises SegmentationError as `segment` does."""
         self._check_aborted()
         self.limits().check(Header(tuple(volume.array.shape), volume.affine), resolution)  # type: ignore[arg-type]
-        label_map = self.segment(volume.array, volume.affine, resolution=resolution, network=network)
+        # with shared memory the volume moves into the request's region (Volume.adopt): held once, not twice
+        label_map = self._segment([volume.array], volume.affine, resolution, network, adopt=volume.adopt)
         if label_map.shape != volume.array.shape:
             raise SegmentationError(
                 f"server returned labels of shape {list(label_map.shape)} for {list(volume.array.shape)}"

@@ -252,3 +252,27 @@ def test_two_cohorts_with_one_layout_into_one_folder_never_swap_patients(
     if code != 2:  # the first run ended before the second reached the lock
         pytest.skip(f"the first run ended before the second started (exit {code}); timing, not a fault")
     assert f"another run is writing there (pid {first.pid} on" in caplog.text
+
+
+def test_a_volume_moves_into_its_shared_memory_region_and_is_held_once(
+    server: LocalTritonServer, example_ct: Path, tmp_path: Path
+) -> None:
+    """With shared memory the client copies the volume into the request's region and keeps that copy
+    (Volume.adopt) instead of its own: the volume is held once during the request (issue 20, item 5)."""
+    import gc
+    import weakref
+
+    from client.inputs import NiftiFormat
+
+    volume = NiftiFormat().read_volume(example_ct)
+    expected = np.array(volume.array)
+    own = weakref.ref(volume.array)
+    with SegmentationClient(server.grpc_url) as seg:
+        labels = seg.segment_volume(volume, "lowres")
+        gc.collect()
+        assert own() is None, "the client still holds its own copy of the volume"
+        assert np.array_equal(volume.array, expected) and volume.array.flags.c_contiguous
+        assert volume.like.dataobj is volume.array
+        reference = seg.segment_file(example_ct, tmp_path / "ct_seg.nii.gz", resolution="lowres").label_map
+    assert np.array_equal(labels, reference)
+    assert our_regions(server) == ([], [])
