@@ -665,22 +665,18 @@ def _dataset(f: _File) -> Dataset:
     return ds
 
 
-def _frames(f: _File, frames: list[int | None]) -> Iterator[np.ndarray]:
-    """The stored values [rows, columns] of `frames` of file `f` (None: its single frame), in that order."""
+def _frames(f: _File, wanted: set[int | None]) -> Iterator[tuple[int | None, np.ndarray]]:
+    """(frame, stored values [rows, columns]) of the `wanted` frames of file `f` (None: its single frame), in
+    the file's order, one frame decoded at a time."""
     syntax = f.header.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(f.header) else None
     ds = _dataset(f)
     try:
-        if frames == [None]:
-            yield ds.pixel_array
+        if wanted == {None}:
+            yield None, ds.pixel_array
             return
-        wanted = {frame: i for i, frame in enumerate(frames)}
-        got: dict[int, np.ndarray] = {}
         for index, array in enumerate(pydicom.pixels.iter_pixels(ds)):
             if index in wanted:
-                got[index] = array
-        yield from (got[frame] for frame in frames)  # type: ignore[index]
-    except DicomInputError:
-        raise
+                yield index, array
     except Exception as exc:  # noqa: BLE001 - re-raised as one line naming the file
         name = getattr(syntax, "name", syntax)
         raise DicomInputError(
@@ -714,8 +710,11 @@ def _pixels(where: str, slices: list[_Slice]) -> tuple[np.ndarray, list[tuple[fl
     for z, s in enumerate(slices):
         by_file.setdefault(id(s.file), []).append(z)
     for zs in by_file.values():
-        f = slices[zs[0]].file
-        for z, stored in zip(zs, _frames(f, [slices[z].frame for z in zs])):
+        z_of = {slices[z].frame: z for z in zs}
+        decoded = 0
+        for frame, stored in _frames(slices[zs[0]].file, set(z_of)):
+            decoded += 1
+            z = z_of[frame]
             s = slices[z]
             slope, intercept = s.slope, s.intercept
             if stored.shape != (s.rows, s.columns):
@@ -726,6 +725,9 @@ def _pixels(where: str, slices: list[_Slice]) -> tuple[np.ndarray, list[tuple[fl
                     np.all(hu == np.round(hu)) and hu.min() >= info.min and hu.max() <= info.max):
                 volume = volume.astype(np.float32)
             volume[:, :, z] = hu
+        if decoded < len(zs):
+            raise DicomInputError(f"{slices[zs[0]].file.name}: its pixel data end after {decoded} of the "
+                                  f"{len(zs)} frames its header describes; a truncated file: export it again")
     for s in slices:
         padding.append(_padding(s.header, s.slope, s.intercept))
     return volume, padding
