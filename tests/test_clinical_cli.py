@@ -293,7 +293,7 @@ def test_help_teaches_dicom_outputs_and_pacs(capsys: pytest.CaptureFixture[str])
     text = capsys.readouterr().out
     for example in ("python -m client study/ -o labels/ --output-type nifti,dicom-seg", "--series-uid",
                     "--statistics --preview", "--roi-subset liver spleen", "--dicomweb http://pacs:8042/dicom-web",
-                    "--store-seg"):
+                    "--store-seg", "--padding-to-air", "padded_percent, missing_outputs", "--verbose"):
         assert example in text, example
 
 

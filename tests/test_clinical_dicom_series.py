@@ -382,6 +382,7 @@ def _enhanced(legacy: hd.legacy.LegacyConvertedEnhancedCTImage) -> Dataset:
 def test_multiframe_ct_is_read_as_its_single_frame_series_and_as_dcm2niix_reads_it(
         aorta_crop: nib.Nifti1Image, tmp_path: Path, kind: str) -> None:
     from client.inputs import discover
+    from client.outputs import DicomSegWriter
 
     hu = np.asanyarray(aorta_crop.dataobj)
     files = write_ct_series(hu, aorta_crop.affine, tmp_path / "single", series_uid="1.2.3.12")
@@ -404,7 +405,10 @@ def test_multiframe_ct_is_read_as_its_single_frame_series_and_as_dcm2niix_reads_
     for given in (tmp_path / "multi", path):
         scan, = discover([given]).scans
         assert scan.series_uid == "1.2.3.13"
-        np.testing.assert_array_equal(scan.read_volume().array, single.volume)
+        volume = scan.read_volume()
+        np.testing.assert_array_equal(volume.array, single.volume)
+    # its DICOM-SEG is refused before any request (the SEG writer references single-frame slices)
+    assert "a DICOM-SEG of a multi-frame (enhanced) CT is not written" in str(DicomSegWriter().refusal(volume))
 
 
 def test_files_without_preamble_or_extension_are_found_by_the_client(
