@@ -55,10 +55,14 @@ PACS (DICOMweb: QIDO-RS/WADO-RS to pull, STOW-RS to store):
   python -m client --dicomweb http://pacs:8042/dicom-web --study 1.2.3.4 --series 1.2.3.4.5 --store-seg
 
 Inputs: .nii/.nii.gz files (any letter case), folders of DICOM files or .zip archives of them, and
-folders, searched recursively. A folder whose own files include DICOM is read with its sub-folders
-as one DICOM source; each CT series in it is a scan (other series, SEG, SR, localizers are skipped).
+folders, searched recursively. A folder whose own files include DICOM (also without preamble or
+extension) is read with its sub-folders as one DICOM source; each CT series in it is a scan, single-
+or multi-frame (enhanced) CT. Duplicates are dropped, images of another geometry (scouts, reformats)
+set aside, other objects (MR, SEG, SR, RTSTRUCT, localizers) skipped: one line each, unless -q.
 A file or series that cannot be read as a 3-D CT gets one line naming it and the reason (uneven
-slice spacing, mixed geometry, ...); the others go on.
+slice spacing, phases at one position, ...); the others go on. Padding (PixelPaddingValue, else
+voxels below -2000 HU) is sent as it is, as dcm2niix passes it on; its share of each scan is
+reported (manifest: padded_percent); --padding-to-air sends it as -1024 HU instead.
 Outputs mirror the inputs' folders below their common folder, under -o, so two scans never share
 an output (a DICOM source's series go to a folder named after it, as series<SeriesNumber>, or by
 UID when numbers repeat); each file is written under a temporary name and renamed when complete.
@@ -73,15 +77,20 @@ made from another input (another cohort with the same layout) or of unknown orig
 that scan fails with one line (--overwrite replaces it). One run at a time per -o folder: a second is
 refused with a line naming the first. Every scan's outcome is appended to -o/{MANIFEST_NAME} (JSON
 lines: input, input_sha256, series_uid, outputs, model, resolution, network, status
-done/skipped/failed, server, seconds, error). Symbolic links to folders are followed (loops searched
-once); every path not taken is named in one line (errors always, the rest unless -q).
+done/skipped/failed, server, seconds, error, padded_percent, missing_outputs). An output that cannot
+be made for one scan (a DICOM-SEG of a series without UIDs: refused before its request) is named in
+one line; the scan's other outputs are written and it counts as done, without all outputs (exit 1);
+names, paths and folders of every output are checked before any request (too long, not writable:
+exit 2). Symbolic links to folders are followed (loops searched once); every path not taken is named
+in one line (errors always, the rest unless -q).
 A disk or folder that cannot be written (full, read-only) stops the run with one line; finished
 scans are kept. Ctrl-C or SIGTERM cancels the requests in flight (their shared memory is released)
 and keeps finished scans: rerun the same command to resume.
 Exit status: 0 if every scan was segmented or skipped (and stored, with --store-seg), 1 if any failed
-(the others still run) or the run stopped, 2 on usage errors (bad -o, two scans with one output,
-unknown structure names, dicom-seg for NIfTI inputs, a server whose label names differ, another run
-writing to -o), found before any request; 130 after Ctrl-C, 143 after SIGTERM.
+or lacks an output (the others still run) or the run stopped, 2 on usage errors (bad -o, two scans
+with one output, an output name or path too long or not writable, unknown structure names,
+dicom-seg for NIfTI inputs, a server whose label names differ, another run writing to -o), found
+before any request; 130 after Ctrl-C, 143 after SIGTERM.
 """
 
 
@@ -156,7 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="store each series' DICOM-SEG back in its study on the PACS (STOW-RS; implies dicom-seg)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping them")
     parser.add_argument("--summary", action="store_true", help="print the voxel count of every structure found")
+    parser.add_argument(
+        "--padding-to-air", action="store_true",
+        help="send padding voxels (PixelPaddingValue, else below -2000 HU) as -1024 HU (air) instead of as they are; "
+        "the default, as they are, equals converting with dcm2niix then segmenting",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors and the closing summary")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also debug lines: every file skipped, the traceback of every failure")
     return parser
 
 
@@ -167,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
     for chatty in ("highdicom", "dicomweb_client"):  # an INFO line per copied DICOM module / per HTTP request
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    for ours in ("client", "clinical") if args.verbose else ():
+        logging.getLogger(ours).setLevel(logging.DEBUG)
     if args.jobs < 1 or args.retries < 0 or (args.timeout is not None and args.timeout <= 0):
         parser.error("--jobs must be >= 1, --retries >= 0 and --timeout > 0")
     if args.dicomweb and (args.inputs or not args.study_uid):
@@ -292,19 +310,23 @@ def _segment(
 
     def report(record: Record) -> None:
         bar.update(1)
-        if record.status == "failed":
+        if record.status == "failed" or record.error:  # a done scan's error: outputs it lacks
             log.error("error: %s", record.error)
-            return
+            if record.status == "failed":
+                return
         if args.quiet:
             return
-        outputs = ", ".join(os.path.relpath(p) if not os.path.isabs(p) else p for p in record.outputs)
+        made = [p for p in record.outputs if p not in (record.missing_outputs or [])]
+        outputs = ", ".join(os.path.relpath(p) if not os.path.isabs(p) else p for p in made)
         name = record.input + (f" (series {record.series_uid})" if record.series_uid else "")
         if record.status == "skipped":
             bar.write(f"{name}: skipped, {outputs} already made from this input (--overwrite replaces them)",
                       file=sys.stdout)
             return
         counts = record.label_counts or {}
-        bar.write(f"{name} -> {outputs} ({len(counts)} structures, {record.server})", file=sys.stdout)
+        padded = (f", {record.padded_percent:g} % padding{' set to air' if args.padding_to_air else ''}"
+                  if record.padded_percent else "")
+        bar.write(f"{name} -> {outputs} ({len(counts)} structures, {record.server}{padded})", file=sys.stdout)
         if label_names is not None:
             for label, count in sorted(counts.items()):
                 structure = label_names[label] if label < len(label_names) else str(label)
@@ -322,6 +344,7 @@ def _segment(
         counts=True,
         label_filter=label_filter,
         command=" ".join(["python -m client", *(args.argv or [])]),
+        padding_to_air=args.padding_to_air,
     )
     try:
         with logging_redirect_tqdm(), _sigterm_as_interrupt() as signals:
@@ -338,7 +361,7 @@ def _segment(
         bar.close()
     if summary.stopped is not None:
         log.error("error: the run stopped: %s", summary.stopped)
-    failed = summary.count("failed") + len(found.problems) + (summary.stopped is not None)
+    failed = summary.count("failed") + summary.incomplete + len(found.problems) + (summary.stopped is not None)
     if args.store_seg:
         failed += _store_segs(args.dicomweb, summary, writers)
     print(
@@ -381,8 +404,8 @@ def _store_segs(url: str, summary: CohortSummary, writers: list[OutputWriter]) -
     index = next(i for i, w in enumerate(writers) if isinstance(w, DicomSegWriter))
     failed = stored = 0
     for record in summary.records:
-        if record.status not in ("done", "skipped"):
-            continue
+        if record.status not in ("done", "skipped") or record.outputs[index] in (record.missing_outputs or []):
+            continue  # not made: its line was given
         try:
             store(url, [record.outputs[index]])
             stored += 1

@@ -30,6 +30,17 @@ re-raises once the threads are done.
 Every scan's outcome is appended to `<output_dir>/segmentation_manifest.jsonl` as it happens (JSON
 lines; see `Record`); the records of the latest run (field `run`) cover every scan of that run.
 
+One output that cannot be made never costs a scan its others. A writer may refuse a scan once its volume is
+read, before its request (`refusal(volume)`: a DICOM-SEG of a series without UIDs); a writer may fail
+while writing (any error but OSError, which stops the run as above). Either way the scan's other outputs
+are written and the scan is "done" with `error` (one line naming each output not made and why) and
+`missing_outputs`; a rerun segments it again, since not all its outputs exist. A scan none of whose
+outputs can be made is "failed" (before its request when every writer refused it). Tracebacks go to the
+DEBUG log only.
+
+Padding: each volume's padding voxels (`client.inputs.measure_padding`) are counted when it is read
+(`Record.padded_percent`) and, with `CohortOptions.padding_to_air`, set to -1024 HU before it is sent.
+
 The scheduling is independent of Triton: `client_factory` makes any `Segmenter`, so the logic is
 tested without a server (tests/test_cohort.py) as well as against real ones (tests/test_client.py).
 """
@@ -55,7 +66,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from client.inputs import Header, Identity, Scan, ScanError, Volume, source_identity
+from client.inputs import Header, Identity, Scan, ScanError, Volume, measure_padding, source_identity
 from client.outputs import NiftiLabelMapWriter, OutputWriter
 from client.segmentation_client import SegmentationClient, SegmentationError, ServerLimits
 from clinical.statistics import voxel_counts
@@ -99,6 +110,7 @@ class CohortOptions:
     # applied to every label map before any writer sees it (e.g. a structure subset); [X, Y, Z] -> same
     label_filter: Callable[[np.ndarray], np.ndarray] | None = None
     command: str = ""  # how the run was started, for the lock (named to a second run refused)
+    padding_to_air: bool = False  # set padding voxels (measure_padding) to -1024 HU before sending
 
 
 @dataclass
@@ -121,6 +133,8 @@ class Record:
     model: str | None = None  # the ensemble that made the outputs
     resolution: str | None = None  # "highres" | "lowres": asked, else the server's default
     network: str | None = None  # the variant asked; None: the server's default
+    padded_percent: float | None = None  # % of the volume's voxels that are padding (measure_padding), as read
+    missing_outputs: list[str] | None = None  # outputs of a "done" scan that could not be made (why: `error`)
     label_counts: dict[int, int] | None = field(default=None, repr=False)  # not in the manifest
 
     def to_json(self) -> str:
@@ -139,6 +153,11 @@ class CohortSummary:
         return sum(r.status == status for r in self.records)
 
     @property
+    def incomplete(self) -> int:
+        """Scans done without all their outputs (`Record.missing_outputs`)."""
+        return sum(bool(r.missing_outputs) for r in self.records if r.status == "done")
+
+    @property
     def scans_per_minute(self) -> float:
         done = self.count("done")
         return 60.0 * done / self.wall_seconds if done and self.wall_seconds > 0 else 0.0
@@ -150,8 +169,9 @@ class CohortSummary:
             if done
             else "no scan segmented"
         )
+        partly = f" ({self.incomplete} without all outputs)" if self.incomplete else ""
         return (
-            f"{done} done, {self.count('skipped')} skipped, {self.count('failed')} failed in "
+            f"{done} done{partly}, {self.count('skipped')} skipped, {self.count('failed')} failed in "
             f"{self.wall_seconds:.1f} s: {per_scan}"
         )
 
@@ -279,8 +299,10 @@ def _origins(path: Path) -> dict[str, dict[str, Any]]:
     origins: dict[str, dict[str, Any]] = {}
     for record in read_manifest(path, latest_run_only=False):
         if record.get("status") in ("done", "skipped"):
+            missing = set(record.get("missing_outputs") or [])
             for output in record.get("outputs", []):
-                origins[str(output)] = record
+                if str(output) not in missing:
+                    origins[str(output)] = record
     return origins
 
 
@@ -293,6 +315,8 @@ class _Item:
     read_seconds: float = 0.0
     attempts: int = 0
     tried: set[str] = field(default_factory=set)
+    refused: dict[int, str] = field(default_factory=dict)  # output index -> why its writer refused this scan
+    padded_percent: float | None = None
 
 
 @dataclass
@@ -379,6 +403,7 @@ class _Run:
             series_uid=item.scan.series_uid,
             read_seconds=round(item.read_seconds, 3) if item.read_seconds else None,
             attempts=item.attempts,
+            padded_percent=item.padded_percent,
             input_sha256=identity.sha256 if identity else None,
             input_bytes=identity.size if identity else None,
             model=fields.pop("model", ENSEMBLE if made else None),
@@ -435,6 +460,9 @@ class _Run:
                     self.limits.check(header, self.options.resolution)
                 item.identity = item.identity or source_identity(item.scan.source)
                 item.volume = item.scan.read_volume()
+                padded = measure_padding(item.volume, to_air=self.options.padding_to_air)
+                item.padded_percent = round(100.0 * padded / max(item.volume.array.size, 1), 2)
+                item.refused = self.refusals(item)
             except (ScanError, SegmentationError) as exc:
                 message = str(exc) if str(exc).startswith(str(item.scan.source)) else f"{item.scan.label}: {exc}"
                 self.settle(item, "failed", error=message)
@@ -444,9 +472,24 @@ class _Run:
                 self.settle(item, "failed", error=f"{item.scan.label}: cannot read it: {type(exc).__name__}: {exc}")
                 continue
             item.read_seconds = time.perf_counter() - start
+            if len(item.refused) == len(item.outputs):  # nothing asked could be made: no request
+                self.settle(item, "failed", error=f"{item.scan.label}: not segmented, no output can be made: "
+                            + "; ".join(item.refused.values()))
+                continue
             self.ready.put(item)
             if not self.live:
                 self.fail_queued("no server is left")
+
+    def refusals(self, item: _Item) -> dict[int, str]:
+        """Output index -> why its writer cannot make it from this volume (`refusal`), asked before the request."""
+        assert item.volume is not None
+        refused = {}
+        for index, (writer, path) in enumerate(zip(self.writers, item.outputs, strict=True)):
+            refusal = getattr(writer, "refusal", None)
+            why = refusal(item.volume) if refusal is not None else None
+            if why:
+                refused[index] = f"{path.name} not written: {why}"
+        return refused
 
     def serve(self, url: str) -> None:
         """One in-flight slot on server `url`: take read scans, segment them, hand them to the writer."""
@@ -537,23 +580,35 @@ class _Run:
         assert item.volume is not None
         start = time.perf_counter()
         written: list[Path] = []
+        missing = dict(item.refused)  # output index -> one line: why it was not made
         try:
             if self.options.label_filter is not None:
                 finished.label_map = self.options.label_filter(finished.label_map)
-            for writer, path in zip(self.writers, item.outputs, strict=True):
-                writer.write(finished.label_map, item.volume, path)
+            for index, (writer, path) in enumerate(zip(self.writers, item.outputs, strict=True)):
+                if index in missing:
+                    continue
+                try:
+                    writer.write(finished.label_map, item.volume, path)
+                except OSError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this output only (e.g. a DICOM-SEG): the others are written
+                    log.debug("writing %s of %s failed", path, item.scan.label, exc_info=True)
+                    missing[index] = f"{path.name} not written: {type(exc).__name__}: {' '.join(str(exc).split())}"
+                    continue
                 written.append(path)
         except OSError as exc:  # disk full, read-only, permissions: every later scan would fail the same way
             where = exc.filename or ", ".join(map(str, item.outputs))
             self.settle_unwritten(item, written)
             raise _Stop(f"{item.scan.label}: cannot write {where}: {exc.strerror or exc}; finished scans are "
                         "kept: make room or fix the folder, then rerun the same command to resume") from None
-        except Exception as exc:  # a writer that cannot make this scan's output (e.g. a DICOM-SEG): this scan only
-            log.debug("writing the outputs of %s failed", item.scan.label, exc_info=True)
-            self.settle(
-                item, "failed", server=finished.server, seconds=round(finished.seconds, 3),
-                error=f"{item.scan.label}: cannot write {item.outputs[len(written)]}: {type(exc).__name__}: {exc}",
-            )
+        except Exception as exc:  # the label filter (before any output is written): this scan only
+            log.debug("filtering the labels of %s failed", item.scan.label, exc_info=True)
+            self.settle(item, "failed", server=finished.server, seconds=round(finished.seconds, 3),
+                        error=f"{item.scan.label}: cannot filter its labels: {type(exc).__name__}: {exc}")
+            return
+        if not written:
+            self.settle(item, "failed", server=finished.server, seconds=round(finished.seconds, 3),
+                        error=f"{item.scan.label}: " + "; ".join(missing[i] for i in sorted(missing)))
             return
         counts = None
         if self.options.counts:
@@ -564,10 +619,12 @@ class _Run:
             self.settle(
                 item, "done", server=finished.server, seconds=round(finished.seconds, 3),
                 write_seconds=round(time.perf_counter() - start, 3), label_counts=counts,
+                error=f"{item.scan.label}: " + "; ".join(missing[i] for i in sorted(missing)) if missing else None,
+                missing_outputs=[str(item.outputs[i]) for i in sorted(missing)] or None,
             )
         except _Stop:
             # outputs without their record would be refused by a rerun as of unknown origin: take them back
-            for path in item.outputs:
+            for path in written:
                 path.unlink(missing_ok=True)
             raise
 

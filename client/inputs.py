@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import zipfile
@@ -30,6 +31,8 @@ from nibabel import volumeutils
 if TYPE_CHECKING:  # pydicom and clinical.dicom_series are imported by DicomFormat when a DICOM source is read
     from pydicom.dataset import Dataset
 
+log = logging.getLogger(__name__)
+
 # Image formats users may point us at that this client does not read: one line each, with the fix.
 UNSUPPORTED_SUFFIXES = {
     ".nrrd": "NRRD",
@@ -43,6 +46,12 @@ UNSUPPORTED_SUFFIXES = {
 }
 CONVERT_HINT = "convert it to NIfTI (.nii.gz), e.g. with SimpleITK or dcm2niix"
 DICOM_FILE_HINT = "a DICOM file is one slice: give the folder (or .zip) holding its series"
+DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
+# Pixel padding (scanners fill what lies outside the reconstructed field of view, e.g. -3024 HU): voxels
+# equal to a DICOM series' PixelPaddingValue (to PixelPaddingRangeLimit); without the tag (NIfTI, or DICOM
+# without it) voxels below PADDING_BELOW_HU, which no tissue or air reaches (air is about -1000 HU).
+PADDING_BELOW_HU = -2000.0
+AIR_HU = -1024  # what --padding-to-air sets padding voxels to
 
 
 class ScanError(ValueError):
@@ -65,14 +74,43 @@ class Volume:
     another integer type whose values fit, without scaling), float32 HU otherwise; it may be
     Fortran-ordered (as NIfTI stores it): senders copy it into C order where it goes on the wire.
     `like` is the source image (header and affine) that NIfTI label maps copy (for DICOM, a header
-    made from the affine). `source_datasets` are a DICOM series' slice headers (no pixels) in Z
-    order, what a DICOM-SEG references; None for other formats.
+    made from the affine). `source_datasets` are a DICOM series' source image headers (no pixels),
+    what a DICOM-SEG references (`clinical.dicom_series.DicomSeries.datasets`); None for other formats.
+    `padding_hu`: per Z slice, the HU range of a DICOM series' PixelPaddingValue (None for a slice
+    without the tag); None for other formats (see `measure_padding`).
     """
 
     array: np.ndarray
     affine: np.ndarray
     like: nib.Nifti1Image | nib.Nifti2Image
     source_datasets: list[Dataset] | None = None
+    padding_hu: list[tuple[float, float] | None] | None = None
+
+
+def measure_padding(volume: Volume, to_air: bool = False) -> int:
+    """The number of padding voxels of `volume`; with `to_air`, they are set to AIR_HU (-1024) in place.
+
+    Padding is, per Z slice, the HU range of the slice's PixelPaddingValue where the DICOM series gives
+    one (`Volume.padding_hu`), else every voxel below PADDING_BELOW_HU (-2000 HU). The array keeps its
+    dtype (int16 or float32); the comparison is made in that dtype, so the padding value the reader
+    computed as slope x stored + intercept is matched exactly.
+    """
+    array = volume.array
+    ranges = volume.padding_hu or [None] * array.shape[2]
+    count = 0
+    for z in range(array.shape[2]):
+        plane = array[:, :, z]
+        limits = ranges[z]
+        if limits is None:
+            mask = plane < PADDING_BELOW_HU
+        else:
+            low, high = (array.dtype.type(v) for v in limits)
+            mask = (plane >= low) & (plane <= high)
+        found = int(np.count_nonzero(mask))
+        if found and to_air:
+            plane[mask] = AIR_HU
+        count += found
+    return count
 
     def adopt(self, array: np.ndarray) -> None:
         """Hold `array`, the same voxels kept elsewhere (a client's shared-memory region, C order), instead
@@ -273,35 +311,61 @@ def nifti_like(affine: np.ndarray) -> nib.Nifti1Image:
     return image
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    """A Part-10 file (`DICM` at byte 128) or a file named *.dcm / *.ima / DICOMDIR."""
+def _looks_like_dicom(path: Path, probe: bool = False) -> bool:
+    """A Part-10 file (`DICM` at byte 128) or a file named *.dcm / *.ima / *.dicom / DICOMDIR; with
+    `probe`, also a file without preamble or extension (old exports) that starts with a DICOM element of
+    group 0002, 0008 or 0010 and that pydicom reads as an image (`clinical.dicom_series.is_dicom_file`,
+    which loads pydicom: only files passing the byte check get that far)."""
     lower = path.name.lower()
-    if lower.endswith((".dcm", ".ima", ".dicom")) or lower == "dicomdir":
+    if lower.endswith(DICOM_SUFFIXES) or lower == "dicomdir":
         return True
     try:
         with open(path, "rb") as stream:
             head = stream.read(132)
     except OSError:
         return False
-    return head[128:132] == b"DICM"
+    if head[128:132] == b"DICM":
+        return True
+    if not probe or len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00", b"\x10\x00", b"\x00\x08"):
+        return False
+    from clinical.dicom_series import is_dicom_file
+
+    return is_dicom_file(path)
 
 
 class DicomFormat:
     """DICOM CT series, read with `clinical.dicom_series`: a folder whose own files include DICOM
-    (the folder and all its sub-folders are read together, as a DICOMDIR export lays them out) or
-    a `.zip` of DICOM files. Each CT series in it is one scan (part id = SeriesInstanceUID), named
-    `series<SeriesNumber>` when the numbers are present and distinct, else by its UID, so two
-    series of one folder never share an output. `series_uid` keeps only that series.
+    (the folder and all its sub-folders are read together, as a DICOMDIR export lays them out), a
+    `.zip` of DICOM files, or one multi-frame (enhanced) CT file. Each CT series in it is one scan
+    (part id = SeriesInstanceUID, or "no SeriesInstanceUID[ in <folder>]" for files without one), named
+    `series<SeriesNumber>` when the numbers are present and distinct, else by its UID, else (no UID)
+    `series-<8 hex digits of the SHA-256 of its part id>`: never a machine path, and two series of one
+    folder never share an output. `series_uid` keeps only that series.
+
+    A folder is DICOM when one of its first PROBE_FILES files (NIfTI files aside) has a DICOM name or
+    the Part-10 `DICM` marker, or, failing that, one of its first PROBE_FORCED files that start like a
+    DICOM data set is read by pydicom (old exports without preamble or extension).
     """
 
     name = "DICOM"
-    PROBE_FILES = 64  # files of a folder looked at to decide whether it is a DICOM folder
+    PROBE_FILES = 64  # files of a folder looked at (first bytes only) to decide whether it is a DICOM folder
+    PROBE_FORCED = 4  # of those, files without the DICM marker that pydicom is asked to parse
 
     def __init__(self, series_uid: str | None = None) -> None:
         self.series_uid = series_uid
 
     def claims_file(self, path: Path) -> bool:
-        return path.name.lower().endswith(".zip") and zipfile.is_zipfile(path)
+        lower = path.name.lower()
+        if lower.endswith(".zip"):
+            return zipfile.is_zipfile(path)
+        if not _looks_like_dicom(path, probe=True):
+            return False
+        from clinical import dicom_series  # a lone file is a scan only as a multi-frame CT (a whole volume)
+
+        try:
+            return any(s.multiframe for s in dicom_series.survey(path).series)
+        except dicom_series.DicomInputError:
+            return False
 
     def claims_folder(self, path: Path) -> bool:
         try:
@@ -309,26 +373,41 @@ class DicomFormat:
                 names = sorted(e.name for e in entries if e.is_file() and not e.name.startswith("."))
         except OSError:
             return False
-        candidates = [n for n in names if not n.lower().endswith(NiftiFormat.suffixes)]
-        return any(_looks_like_dicom(path / n) for n in candidates[: self.PROBE_FILES])
+        candidates = [path / n for n in names if not n.lower().endswith(NiftiFormat.suffixes)][: self.PROBE_FILES]
+        if any(_looks_like_dicom(c) for c in candidates):
+            return True
+        return any(_looks_like_dicom(c, probe=True) for c in candidates[: self.PROBE_FORCED])
 
     def stem(self, path: Path) -> str:
-        return path.name[:-4] if path.name.lower().endswith(".zip") else path.name
+        lower = path.name.lower()
+        for suffix in (".zip", *DICOM_SUFFIXES):
+            if lower.endswith(suffix) and len(path.name) > len(suffix) and path.is_file():
+                return path.name[: -len(suffix)]
+        return path.name
 
     def parts(self, path: Path) -> list[tuple[str, str]]:
         from clinical import dicom_series
 
         try:
-            found = dicom_series.find_ct_series(path)
+            found = dicom_series.survey(path)
         except dicom_series.DicomInputError as exc:
             raise ScanError(_without(path, exc)) from None
-        if not found:
-            raise ScanError("no CT image series (CT Image Storage, one file per slice) in it")
-        numbers = [s.series_number for s in found]
+        for note in found.notes:  # once per source: discovery asks each source once
+            log.info("%s", note)
+        if not found.series:
+            raise ScanError(f"no CT image series in it ({found.contents}); CT Image Storage (one file per slice) "
+                            "and Enhanced / Legacy Converted Enhanced CT are read")
+        numbers = [s.series_number for s in found.series]
         by_number = None not in numbers and len(set(numbers)) == len(numbers)
-        names = [f"series{s.series_number}" if by_number else re.sub(r"[^A-Za-z0-9._-]+", "_", s.series_uid).strip("_")
-                 for s in found]
-        return [(s.series_uid, n) for s, n in zip(found, names) if self.series_uid in (None, s.series_uid)]
+
+        def name(s: dicom_series.SeriesInfo) -> str:
+            if by_number:
+                return f"series{s.series_number}"
+            if s.series_uid.startswith(dicom_series.NO_SERIES_UID):
+                return f"series-{hashlib.sha256(s.series_uid.encode()).hexdigest()[:8]}"
+            return re.sub(r"[^A-Za-z0-9._-]+", "_", s.series_uid).strip("_")
+
+        return [(s.series_uid, name(s)) for s in found.series if self.series_uid in (None, s.series_uid)]
 
     def read_header(self, path: Path, part: str | None = None) -> Header:
         from clinical import dicom_series
@@ -346,7 +425,7 @@ class DicomFormat:
             series, = dicom_series.read_ct_series(path, series_uid=self._part(path, part))
         except dicom_series.DicomInputError as exc:
             raise ScanError(_without(path, exc, part)) from None
-        return Volume(series.volume, series.affine, nifti_like(series.affine), series.datasets)
+        return Volume(series.volume, series.affine, nifti_like(series.affine), series.datasets, series.padding_hu)
 
     def _part(self, path: Path, part: str | None) -> str:
         if part is not None:
@@ -463,7 +542,7 @@ def _claim(path: Path, formats: Sequence[ScanFormat], folder: bool) -> ScanForma
 
 def _unsupported(path: Path) -> str | None:
     lower = path.name.lower()
-    if _looks_like_dicom(path):
+    if _looks_like_dicom(path, probe=True):
         return f"{path}: {DICOM_FILE_HINT}"
     for suffix, kind in UNSUPPORTED_SUFFIXES.items():
         if lower.endswith(suffix) or lower.endswith(suffix + ".gz"):

@@ -30,9 +30,13 @@ from clinical import structures
 # The format modules are imported by their writers' `write`, so that NIfTI alone needs none of
 # highdicom/pydicom (DICOM-SEG), pynrrd (seg.nrrd) or matplotlib (preview).
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
     from clinical.statistics import StructureStatistics
 
 OUTPUT_TYPES = ("nifti", "dicom-seg", "seg-nrrd")  # label-map outputs; --output-type
+# atomic_write's hidden temporary name adds this many bytes to an output's name: ".<name>.XXXXXXXX.partial"
+TEMPORARY_NAME_EXTRA = len(".") + len(".") + 8 + len(".partial")
 
 # ISA-L's level 1: for a 512x512x397 label map ~10x faster than zlib's level 1 (what nibabel uses)
 # at a similar size; label maps are long runs of few values.
@@ -50,7 +54,10 @@ class OutputWriter(Protocol):
         """The file name for `scan` (its folder comes from `scan.relative`)."""
 
     def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
-        """Write the [X, Y, Z] uint8 label map of `volume` to `path` (atomically: see `atomic_write`)."""
+        """Write the [X, Y, Z] uint8 label map of `volume` to `path` (atomically: see `atomic_write`).
+
+        A writer that may not be able to use some volume also has `refusal(volume) -> str | None`: why
+        it cannot (one line), asked by the cohort once the volume is read, before its request."""
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -123,12 +130,37 @@ class DicomSegWriter:
     def output_name(self, scan: Scan, suffix: str) -> str:
         return f"{scan.relative.name}{suffix}.dcm"
 
+    REFERENCED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+
+    def refusal(self, volume: Volume) -> str | None:
+        """Why no DICOM-SEG can reference `volume`'s series (one line), None when one can: a series whose
+        files lack the UIDs a SEG must reference (anonymised away), or a multi-frame (enhanced) CT."""
+        datasets = volume.source_datasets
+        if not datasets:
+            return "a DICOM-SEG needs a DICOM input series to reference; write nifti or seg-nrrd for it"
+        if any(_frames(ds) > 1 for ds in datasets):
+            return ("a DICOM-SEG of a multi-frame (enhanced) CT is not written by this version; write nifti or "
+                    "seg-nrrd for it")
+        for key in self.REFERENCED:
+            if not all(ds.get(key) for ds in datasets):
+                return (f"its DICOM files lack {key} (anonymised away?), which a DICOM-SEG must reference; write "
+                        "nifti or seg-nrrd for it")
+        return None
+
     def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
         if volume.source_datasets is None:
             raise ValueError("a DICOM-SEG needs a DICOM input series to reference")
         from clinical.dicom_seg import write_dicom_seg
 
         write_dicom_seg(label_map, volume.source_datasets, path)
+
+
+def _frames(ds: Dataset) -> int:
+    """NumberOfFrames of a DICOM header, 1 when absent or not a number."""
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 @dataclass(frozen=True)
@@ -225,11 +257,50 @@ def output_paths(scan: Scan, output_dir: Path, writers: Sequence[OutputWriter], 
     return [output_dir / scan.relative.parent / w.output_name(scan, suffix) for w in writers]
 
 
+def path_problem(path: Path, limits: dict[Path, tuple[int, int]] | None = None) -> str | None:
+    """Why `path` cannot be written, found without writing anything (None: nothing found): a name
+    longer than the file system's NAME_MAX bytes (an output's own name together with its temporary
+    name, TEMPORARY_NAME_EXTRA bytes more), a path of PATH_MAX bytes or more, a folder on the way that
+    is a file, or a folder that cannot be written. `limits` caches (NAME_MAX, PATH_MAX) per folder."""
+    absolute = Path(os.path.abspath(path))
+    existing = absolute.parent
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    limits = {} if limits is None else limits
+    if existing not in limits:
+        def conf(name: str, default: int) -> int:
+            try:
+                return int(os.pathconf(existing, name))
+            except (OSError, ValueError):
+                return default
+
+        limits[existing] = conf("PC_NAME_MAX", 255), conf("PC_PATH_MAX", 4096)
+    name_max, path_max = limits[existing]
+    for part in absolute.parts[1:-1]:
+        if len(os.fsencode(part)) > name_max:
+            return f"its folder name {part[:40]}... is {len(os.fsencode(part))} bytes, over the {name_max} allowed"
+    name = len(os.fsencode(absolute.name))
+    if name + TEMPORARY_NAME_EXTRA > name_max:
+        return (f"its name is {name} bytes; with its temporary name it must be at most "
+                f"{name_max - TEMPORARY_NAME_EXTRA}: shorten --suffix or the input's name")
+    if len(os.fsencode(str(absolute))) + TEMPORARY_NAME_EXTRA >= path_max:
+        return f"the path is {len(os.fsencode(str(absolute)))} bytes, over the {path_max} allowed: choose a shorter -o"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder: move it or choose another -o"
+    if os.path.isdir(absolute):
+        return "a folder of that name is there: move it or choose another -o"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} cannot be written: fix its permissions or choose another -o"
+    return None
+
+
 def plan_outputs(
     scans: Sequence[Scan], output_dir: Path, writers: Sequence[OutputWriter], suffix: str
 ) -> dict[Scan, list[Path]]:
-    """Every scan's output paths; raises OutputError if two scans would share an output or an
-    output would replace an input (compared without letter case: file systems may ignore it)."""
+    """Every scan's output paths; raises OutputError if two scans would share an output, an output
+    would replace an input (compared without letter case: file systems may ignore it), or an output
+    cannot be written (`path_problem`: name or path too long, a folder on the way that is a file or
+    not writable), before any request; the message names the first and how many there are."""
     plan: dict[Scan, list[Path]] = {}
     owner: dict[str, Scan] = {}
     inputs = {os.path.normcase(os.path.abspath(s.source)).lower(): s for s in scans}
@@ -246,6 +317,13 @@ def plan_outputs(
                 raise OutputError(f"{path} would replace the input {inputs[key].source}; choose another -o or --suffix")
             owner[key] = scan
         plan[scan] = paths
+    limits: dict[Path, tuple[int, int]] = {}
+    problems = [(path, why) for paths in plan.values() for path in paths
+                if (why := path_problem(path, limits)) is not None]
+    if problems:
+        path, why = problems[0]
+        more = f" (and {len(problems) - 1} more outputs)" if len(problems) > 1 else ""
+        raise OutputError(f"{path} cannot be written{more}: {why}")
     return plan
 
 

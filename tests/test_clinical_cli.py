@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
+import subprocess
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -34,7 +37,7 @@ from clinical.seg_nrrd import read_seg_nrrd
 from clinical.statistics import structure_statistics
 from tests.orthanc import LocalOrthanc
 from wholebody.contract import ENSEMBLE, ENSEMBLE_INT16
-from wholebody.sample_data import real_ct
+from wholebody.sample_data import real_ct, real_ct_dicom
 from wholebody.triton_server import LocalTritonServer
 
 STUDY = "1.2.826.0.1.3680043.8.498.10"
@@ -290,5 +293,73 @@ def test_help_teaches_dicom_outputs_and_pacs(capsys: pytest.CaptureFixture[str])
     text = capsys.readouterr().out
     for example in ("python -m client study/ -o labels/ --output-type nifti,dicom-seg", "--series-uid",
                     "--statistics --preview", "--roi-subset liver spleen", "--dicomweb http://pacs:8042/dicom-web",
-                    "--store-seg"):
+                    "--store-seg", "--padding-to-air", "padded_percent, missing_outputs", "--verbose"):
         assert example in text, example
+
+
+def test_a_series_without_uids_keeps_its_other_outputs_and_a_name_of_its_own(
+    server: LocalTritonServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The README's real Siemens series, whose anonymiser emptied its UIDs: the DICOM-SEG is refused before the
+    request in one line, the NIfTI and seg.nrrd are written, the scan counts as done without all outputs."""
+    deep = tmp_path / "/".join(["a_rather_long_folder_name_of_a_cohort_export"] * 5)  # once: "File name too long"
+    deep.parent.mkdir(parents=True)
+    shutil.copytree(real_ct_dicom(), deep)
+    out = tmp_path / "labels"
+    args = [str(deep), "-o", str(out), "-u", server.grpc_url, "--resolution", "lowres", "-q",
+            "--output-type", "nifti,dicom-seg,seg-nrrd"]
+    before = ensemble_requests(server.grpc_url)
+    with caplog.at_level(logging.ERROR):
+        assert client_main(args) == 1  # a requested output is missing
+    assert ensemble_requests(server.grpc_url) == before + 1
+    made = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    name = made[0].split("/")[-1].split("_seg")[0]
+    assert re.fullmatch(r"series-[0-9a-f]{8}", name), made  # the series' own identity, no machine path
+    folder = deep.name
+    assert made == [f"{folder}/{name}_seg.nii.gz", f"{folder}/{name}_seg.seg.nrrd"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [(f"error: {deep} (series no SeriesInstanceUID): {name}_seg.dcm not written: its DICOM files "
+                       "lack StudyInstanceUID (anonymised away?), which a DICOM-SEG must reference; write nifti or "
+                       "seg-nrrd for it")]
+    record, = read_manifest(out / MANIFEST_NAME)
+    assert record["status"] == "done" and record["series_uid"] == "no SeriesInstanceUID"
+    assert record["missing_outputs"] == [str(out / folder / f"{name}_seg.dcm")] and record["padded_percent"] == 0.0
+    # a SEG alone cannot be made: refused before any request
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert client_main([*args[:-1], "dicom-seg", "-o", str(tmp_path / "seg_only")]) == 1
+    assert ensemble_requests(server.grpc_url) == before + 1
+    assert "not segmented, no output can be made: " in caplog.text
+
+
+def test_padding_is_reported_and_sent_as_air_only_when_asked(server: LocalTritonServer, tmp_path: Path) -> None:
+    """The real series with its field-of-view corners padded (PixelPaddingValue): by default its labels are
+    those of dcm2niix's NIfTI of it through the same CLI (padding passed on as dcm2niix does); with
+    --padding-to-air, those of the same NIfTI with the padding at -1024 HU. The share is in the manifest."""
+    from perf.padding_effect import AIR_HU, write_padded_series
+
+    hu, affine, outside = write_padded_series(tmp_path / "padded")
+    share = round(100.0 * outside.mean(), 2)
+    exe = shutil.which("dcm2niix")
+    assert exe, "dcm2niix is not installed: run `make clinical-tools` (Debian package dcm2niix)"
+    (tmp_path / "ref").mkdir()
+    subprocess.run([exe, "-z", "y", "-b", "n", "-f", "padded", "-o", str(tmp_path / "ref"), str(tmp_path / "padded")],
+                   check=True, capture_output=True)
+    converted = nib.load(tmp_path / "ref" / "padded.nii.gz")
+    aired = np.where(outside[:, :, None], AIR_HU, hu).astype(np.int16)
+    nib.save(nib.Nifti1Image(aired, affine), tmp_path / "ref" / "aired.nii.gz")
+    base = ["-u", server.grpc_url, "--resolution", "lowres", "-q"]
+
+    def labels(source: Path, out: str, *extra: str) -> np.ndarray:
+        assert client_main([str(source), "-o", str(tmp_path / out), *base, *extra]) == 0
+        path, = (tmp_path / out).rglob("*_seg.nii.gz")
+        return np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+
+    as_is = labels(tmp_path / "padded", "as_is")
+    assert read_manifest(tmp_path / "as_is" / MANIFEST_NAME)[0]["padded_percent"] == share
+    np.testing.assert_array_equal(as_is, labels(tmp_path / "ref" / "padded.nii.gz", "dcm2niix_route"))
+    assert np.asanyarray(converted.dataobj).min() == -3024  # dcm2niix passes the padding on too
+    to_air = labels(tmp_path / "padded", "to_air", "--padding-to-air")
+    assert read_manifest(tmp_path / "to_air" / MANIFEST_NAME)[0]["padded_percent"] == share
+    np.testing.assert_array_equal(to_air, labels(tmp_path / "ref" / "aired.nii.gz", "aired_route"))
+    assert not np.array_equal(as_is, to_air)  # the padded circle moves the whole-volume normalisation

@@ -264,3 +264,91 @@ def test_a_full_disk_stops_the_run_keeps_finished_scans_and_the_rerun_completes(
     assert not any(p.name.startswith(".") for p in out.rglob("*"))  # no partial file, no lock left
     rerun = run_cohort(plan, ["a:1"], CohortOptions(output_dir=out), WRITERS, fake_factory(set(), []))
     assert rerun.stopped is None and rerun.count("skipped") == len(done) and rerun.count("done") == 4 - len(done)
+
+
+class Labels2Writer(NiftiLabelMapWriter):
+    """A second output per scan (`<name>_labels2.nii.gz`) that cannot be made for s0002: refused up front
+    (`refusal`) with `refuse`, else failing with ValueError while writing."""
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse = refuse
+
+    def output_name(self, scan, suffix: str) -> str:  # noqa: ANN001
+        return f"{scan.relative.name}_labels2.nii.gz"
+
+    def refusal(self, volume: Volume) -> str | None:
+        return "no UIDs to reference" if self.refuse and volume.array.shape == (12, 10, 9) else None
+
+    def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        if "s0002" in str(path):
+            raise ValueError("highdicom says no\non two lines")
+        super().write(label_map, volume, path)
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["fails-while-writing", "refused-before-the-request"])
+def test_an_output_that_cannot_be_made_costs_its_scan_no_other_output(cohort: Path, tmp_path: Path,
+                                                                       refuse: bool) -> None:
+    good_scans(cohort)
+    small_ct(cohort / "s0002" / "ct.nii.gz", shape=(12, 10, 9), seed=2)  # the shape `refusal` knows it by
+    scans = discover([cohort]).scans
+    out = tmp_path / "out"
+    writers = [NiftiLabelMapWriter(), Labels2Writer(refuse)]
+    plan = plan_outputs(scans, out, writers, "_seg")
+    calls: list[str] = []
+    summary = run_cohort(plan, ["a:1"], CohortOptions(output_dir=out), writers, fake_factory(set(), calls))
+    assert summary.count("done") == 4 and summary.count("failed") == 0 and summary.incomplete == 1
+    assert "4 done (1 without all outputs)" in summary.line()
+    record, = [r for r in summary.records if r.missing_outputs]
+    nifti, labels2 = plan[next(s for s in scans if "s0002" in str(s.source))]
+    assert record.missing_outputs == [str(labels2)] and nifti.is_file() and not labels2.exists()
+    why = "no UIDs to reference" if refuse else "ValueError: highdicom says no on two lines"
+    assert record.error == f"{record.input}: ct_labels2.nii.gz not written: {why}"  # one line, no traceback
+    assert len(calls) == 4
+    # the rerun segments that scan again (not all its outputs exist), skips the others, replaces its NIfTI
+    rerun = run_cohort(plan, ["a:1"], CohortOptions(output_dir=out), writers, fake_factory(set(), calls))
+    assert rerun.count("skipped") == 3 and rerun.count("done") == 1 and len(calls) == 5
+    # a scan none of whose outputs can be made fails; when every writer refused it, before its request
+    only = [Labels2Writer(refuse)]
+    plan = plan_outputs([s for s in scans if "s0002" in str(s.source)], tmp_path / "only", only, "_seg")
+    summary = run_cohort(plan, ["a:1"], CohortOptions(output_dir=tmp_path / "only"), only, fake_factory(set(), calls))
+    assert summary.count("failed") == 1 and len(calls) == (5 if refuse else 6)
+    assert "not segmented, no output can be made" in str(summary.records[0].error) or not refuse
+
+
+def test_padding_is_measured_and_sent_as_air_only_when_asked(tmp_path: Path) -> None:
+    image = synthetic_ct((12, 10, 8), (3.0, 3.0, 3.0), seed=1)
+    data = np.asanyarray(image.dataobj).astype(np.int16)
+    data[:3] = -3024  # a band of padding, no PixelPaddingValue in NIfTI: below -2000 HU
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(data, image.affine), tmp_path / "in" / "ct.nii.gz")
+    scans = discover([tmp_path / "in"]).scans
+    sent: list[int] = []
+
+    class Spy(FakeServer):
+        def segment_volume(self, volume: Volume, resolution: str | None = None,
+                           network: str | None = None) -> np.ndarray:
+            sent.append(int(volume.array.min()))
+            return super().segment_volume(volume, resolution, network)
+
+    for to_air, out in ((False, tmp_path / "as-is"), (True, tmp_path / "air")):
+        plan = plan_outputs(scans, out, WRITERS, "_seg")
+        summary = run_cohort(plan, ["a:1"], CohortOptions(output_dir=out, padding_to_air=to_air), WRITERS,
+                             lambda url: Spy(url, set(), [], ServerLimits(None, None, None)))
+        assert summary.records[0].padded_percent == 25.0  # 3 of 12 planes along X, as read (before replacing)
+        assert read_manifest(out / MANIFEST_NAME)[0]["padded_percent"] == 25.0
+    assert sent[0] == -3024 and sent[1] >= -1024
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_request(cohort: Path, tmp_path: Path) -> None:
+    scans = discover(good_scans(cohort)).scans
+    with pytest.raises(OutputError, match=r"cannot be written \(and 3 more outputs\): its name is 2\d\d bytes; with "
+                                          r"its temporary name it must be at most 237"):
+        plan_outputs(scans, tmp_path / "out", WRITERS, "_" + "x" * 230)
+    deep = tmp_path / "/".join(["d" * 250] * 17)  # a path over PATH_MAX (4096 bytes)
+    with pytest.raises(OutputError, match=r"the path is \d+ bytes, over the 4096 allowed: choose a shorter -o"):
+        plan_outputs(scans, deep, WRITERS, "_seg")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "s0001").write_text("a file where a folder of outputs goes")
+    with pytest.raises(OutputError, match=r"s0001/ct_seg.nii.gz cannot be written: .*/out/s0001 is a file, not a "
+                                          "folder"):
+        plan_outputs(scans, tmp_path / "out", WRITERS, "_seg")
