@@ -86,6 +86,15 @@ class Volume:
     source_datasets: list[Dataset] | None = None
     padding_hu: list[tuple[float, float] | None] | None = None
 
+    def adopt(self, array: np.ndarray) -> None:
+        """Hold `array`, the same voxels kept elsewhere (a client's shared-memory region, C order), instead
+        of the own copy, which is freed unless referenced elsewhere. Raises ValueError for another shape."""
+        if tuple(array.shape) != tuple(self.array.shape):
+            raise ValueError(f"cannot adopt an array of shape {list(array.shape)} for {list(self.array.shape)}")
+        if self.like.dataobj is self.array:  # the header image shares the voxels: let it share the new ones
+            self.like = type(self.like)(array, self.like.affine, self.like.header)
+        self.array = array
+
 
 def measure_padding(volume: Volume, to_air: bool = False) -> int:
     """The number of padding voxels of `volume`; with `to_air`, they are set to AIR_HU (-1024) in place.
@@ -111,15 +120,6 @@ def measure_padding(volume: Volume, to_air: bool = False) -> int:
             plane[mask] = AIR_HU
         count += found
     return count
-
-    def adopt(self, array: np.ndarray) -> None:
-        """Hold `array`, the same voxels kept elsewhere (a client's shared-memory region, C order), instead
-        of the own copy, which is freed unless referenced elsewhere. Raises ValueError for another shape."""
-        if tuple(array.shape) != tuple(self.array.shape):
-            raise ValueError(f"cannot adopt an array of shape {list(array.shape)} for {list(self.array.shape)}")
-        if self.like.dataobj is self.array:  # the header image shares the voxels: let it share the new ones
-            self.like = type(self.like)(array, self.like.affine, self.like.header)
-        self.array = array
 
 
 class ScanFormat(Protocol):
