@@ -43,8 +43,8 @@ MEANING_CORRECTIONS: dict[str, tuple[str, str, str]] = {
 # Kept although the second source differs: SCT 123037004 "Anatomical Structure" (every structure's
 # category). PS3.16 now codes the CID 7150 category "Anatomical Structure" as SCT 91723000 and SNOMED CT
 # names 123037004 "Body structure", but 3D Slicer's terminology lists (the General Anatomy list that the
-# seg.nrrd TerminologyEntry names), dcmqi, MONAI Label and TotalSegmentator's SEGs in IDC use 123037004
-# "Anatomical Structure"; changing it would make our SEGs and seg.nrrd files differ from theirs.
+# seg.nrrd TerminologyEntry names), MONAI Label and TotalSegmentator use 123037004 "Anatomical Structure";
+# changing it would make our SEGs and seg.nrrd files differ from theirs.
 KEPT_AGAINST_PS3_16 = {"123037004": "Anatomical Structure"}
 
 
