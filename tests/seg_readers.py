@@ -226,11 +226,27 @@ def read_highdicom(seg: Path, expected: Expected, datasets: Sequence[object]) ->
     return _compare(labels, expected.affine, names, expected)
 
 
-def read_dcmqi(seg: Path, expected: Expected) -> Reading:
+def dcmqi_command(seg: Path, folder: Path) -> list[str]:
     """dcmqi's segimage2itkimage --mergeSegments: one NIfTI of segment numbers and a meta.json naming them."""
     tool = executable("segimage2itkimage", "pip install dcmqi (the [test] extra)")
+    return [tool, "--inputDICOM", str(seg), "--outputDirectory", str(folder), "-t", "nii", "--mergeSegments"]
+
+
+def pydicom_seg_command(seg: Path, out: Path) -> list[str]:
+    """pydicom-seg's MultiClassReader in its own virtualenv, writing OUT.npz (tests/readers/pydicom_seg_read.py)."""
+    return [str(pydicom_seg_python()), str(READERS / "pydicom_seg_read.py"), str(seg), str(out)]
+
+
+def node_command(reader: str, seg: Path, out: Path, ct_files: Sequence[Path] = ()) -> tuple[list[str], Path]:
+    """tests/js/read_seg.mjs `reader` (dcmjs, cornerstone, cornerstone-counts) and the folder to run it in."""
+    node, folder = js_readers()
+    return [node, str(folder / "read_seg.mjs"), reader, str(seg), str(out), *map(str, ct_files)], folder
+
+
+def read_dcmqi(seg: Path, expected: Expected) -> Reading:
+    """dcmqi's segimage2itkimage --mergeSegments: one NIfTI of segment numbers and a meta.json naming them."""
     with tempfile.TemporaryDirectory() as tmp:
-        done = _run([tool, "--inputDICOM", str(seg), "--outputDirectory", tmp, "-t", "nii", "--mergeSegments"])
+        done = _run(dcmqi_command(seg, Path(tmp)))
         volumes = sorted(Path(tmp).glob("*.nii.gz"))
         if done.returncode != 0 or not volumes:
             lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith(("E:", "ERROR"))]
@@ -245,10 +261,9 @@ def read_dcmqi(seg: Path, expected: Expected) -> Reading:
 
 def read_pydicom_seg(seg: Path, expected: Expected) -> Reading:
     """pydicom-seg's MultiClassReader, in its own virtualenv (tests/readers/pydicom_seg_read.py)."""
-    python = pydicom_seg_python()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "read.npz"
-        done = _run([str(python), str(READERS / "pydicom_seg_read.py"), str(seg), str(out)])
+        done = _run(pydicom_seg_command(seg, out))
         if done.returncode != 0:
             return Reading("refuses", (done.stderr.strip().splitlines() or ["no message"])[-1])
         read = np.load(out)
@@ -260,11 +275,11 @@ def read_pydicom_seg(seg: Path, expected: Expected) -> Reading:
         return _compare(read["labels"].transpose(2, 1, 0), affine, names, expected)
 
 
-def _node(reader: str, seg: Path, extra: Sequence[str] = ()) -> tuple[int, dict]:
-    node, folder = js_readers()
+def _node(reader: str, seg: Path, ct_files: Sequence[Path] = ()) -> tuple[int, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "read.json"
-        done = _run([node, str(folder / "read_seg.mjs"), reader, str(seg), str(out), *extra], cwd=folder)
+        command, folder = node_command(reader, seg, out, ct_files)
+        done = _run(command, cwd=folder)
         if not out.exists():
             raise RuntimeError(f"read_seg.mjs {reader} wrote nothing: {done.stderr.strip()[-500:]}")
         return done.returncode, json.loads(out.read_text())
@@ -291,7 +306,7 @@ def read_dcmjs(seg: Path, expected: Expected) -> Reading:
 
 def read_cornerstone(seg: Path, expected: Expected) -> Reading:
     """@cornerstonejs/adapters' createFromDICOMSegBuffer (OHIF's SEG loader), the CT slices as its stack."""
-    status, read = _node("cornerstone", seg, [str(p) for p in expected.ct_files])
+    status, read = _node("cornerstone", seg, expected.ct_files)
     if status != 0:
         return Reading("refuses", read.get("error", ""))
     if read["slices"] != expected.sop_uids:

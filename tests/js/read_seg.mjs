@@ -4,13 +4,15 @@
 //
 //   node read_seg.mjs dcmjs SEG.dcm OUT.json
 //   node read_seg.mjs cornerstone SEG.dcm OUT.json CT_SLICE.dcm ...
+//   node read_seg.mjs cornerstone-counts SEG.dcm OUT.json CT_SLICE.dcm ...
 //
 // OUT.json, dcmjs: the SEG's SOP class, segmentation type, transfer syntax, number of frames, its segments
 // (number, label, category/type/modifier as [scheme, value, meaning]) and each frame's referenced segment.
 // cornerstone: `createFromDICOMSegBuffer` (what OHIF's SEG loader calls) given the CT slices as its referenced
 // images (metadata read from their files with dcmjs): `segments` {number: label}, `slices` (the CT SOP
 // Instance UIDs in slice order), `shape` [slices, rows, columns] and `labelmap`, base64 of the uint16 segment
-// numbers in that order. A reader's refusal: {"error": "..."} and exit status 1.
+// numbers in that order; cornerstone-counts: `counts` {number: voxels} instead of the label map (for large
+// SEGs: perf/dicom_seg_benchmark.py). A reader's refusal: {"error": "..."} and exit status 1.
 import { readFileSync, writeFileSync } from 'node:fs';
 import dcmjs from 'dcmjs';
 
@@ -88,7 +90,7 @@ class Metadata {
   }
 }
 
-async function readWithCornerstone(segBuffer, ctPaths) {
+async function readWithCornerstone(segBuffer, ctPaths, countsOnly = false) {
   const core = await import('@cornerstonejs/core');
   const { adaptersSEG } = await import('@cornerstonejs/adapters');
   const metadata = new Metadata();
@@ -114,6 +116,11 @@ async function readWithCornerstone(segBuffer, ctPaths) {
   result.segMetadata.data.forEach((segment, number) => {
     if (segment) segments[number] = segment.SegmentLabel;
   });
+  if (countsOnly) {
+    const counts = {};
+    for (const value of labelmap) if (value) counts[value] = (counts[value] || 0) + 1;
+    return { segments, counts };
+  }
   return {
     segments,
     overlapping: Boolean(result.overlappingSegments),
@@ -130,7 +137,8 @@ async function main([reader, segPath, outPath, ...ctPaths]) {
     const { buffer, dataset } = readDataset(segPath);
     if (reader === 'dcmjs') output = describeWithDcmjs(dataset);
     else if (reader === 'cornerstone') output = await readWithCornerstone(buffer, ctPaths);
-    else throw new Error(`unknown reader ${reader}: use dcmjs or cornerstone`);
+    else if (reader === 'cornerstone-counts') output = await readWithCornerstone(buffer, ctPaths, true);
+    else throw new Error(`unknown reader ${reader}: use dcmjs, cornerstone or cornerstone-counts`);
   } catch (error) {
     output = { error: String(error && error.message ? error.message : error).split('\n')[0] };
     status = 1;
