@@ -138,3 +138,24 @@ def test_reader_outcome_is_the_readmes(encoding: str, reader: str, segs: dict[st
     assert reading.outcome == CELLS[(encoding, reader)], (
         f"{reader} on {encoding}: {reading.outcome} ({reading.detail}); the README says {CELLS[(encoding, reader)]}")
     assert reading.outcome != "differs", reading.detail  # a reader that opens a SEG must see what was written
+
+
+def test_benchmark_times_the_readers(capsys: pytest.CaptureFixture[str]) -> None:
+    """perf.dicom_seg_benchmark --real --readers (the real label map): every reader that opens a SEG is timed
+    with its voxel counts checked, the others are named as refusing, as in the table above."""
+    from perf import dicom_seg_benchmark
+
+    try:
+        for tool in ("segimage2itkimage", "node"):
+            readers.executable(tool, "make seg-readers")
+        readers.pydicom_seg_python()
+        readers.js_readers()
+    except readers.ToolMissing as exc:
+        missing(str(exc))
+    assert dicom_seg_benchmark.main(["--real", "--encodings", "labelmap-rle,binary",
+                                     "--readers", "dcmqi,pydicom-seg,cornerstone"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith(("| labelmap-rle ", "| binary "))}
+    assert rows["labelmap-rle"][1] == "refuses" and CELLS[("labelmap-rle", "pydicom-seg")] == "refuses"
+    assert all(float(cell) > 0 for cell in rows["binary"]) and float(rows["labelmap-rle"][0]) > 0
