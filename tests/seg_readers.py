@@ -160,6 +160,13 @@ def versions() -> dict[str, str]:
 def _package_version(script: str, package: str) -> str:
     """The version of `package` in the environment of `script`: an interpreter, or a console script (the
     interpreter on its #! line), so that a tool of another virtualenv is asked too; "unknown" if unreadable."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if Path(script).parent == Path(sys.executable).parent:  # installed here (the [test] extra)
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            pass
     interpreter = script
     if not Path(script).name.startswith("python"):
         interpreter = Path(script).read_text(errors="replace").splitlines()[0].removeprefix("#!").strip()
