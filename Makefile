@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 BUNDLE ?=
 
-.PHONY: setup demo test serve clinical-tools render deploy-check
+.PHONY: setup demo test serve clinical-tools seg-readers render deploy-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,19 +23,24 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m wholebody.demo $(if $(BUNDLE),--bundle $(BUNDLE))
 
-test: setup clinical-tools
-	$(PY) -m pytest
+# WHOLEBODY_REQUIRE_SEG_READERS: a DICOM-SEG reader that is missing fails its test instead of skipping it
+test: setup clinical-tools seg-readers
+	WHOLEBODY_REQUIRE_SEG_READERS=1 $(PY) -m pytest
 
 serve: setup
 	$(PY) -m wholebody.triton_server serve
 
 # Debian tools the clinical tests use: a real PACS (Orthanc with its DICOMweb plugin) and dcm2niix,
-# the reference DICOM -> NIfTI converter. Installed with apt-get only when missing (CI runs as root
-# on a fresh Debian machine); a package's own service is stopped again: the tests start their own.
+# the reference DICOM -> NIfTI converter; Node.js and npm for OHIF's DICOM-SEG readers (Debian's nodejs
+# and npm only where no node/npm command is there: the team's machines have Node.js 20 and npm 11).
+# Installed with apt-get only when missing (CI runs as root on a fresh Debian machine); a package's own
+# service is stopped again: the tests start their own.
 CLINICAL_DEBS := orthanc orthanc-dicomweb dcm2niix
+CLINICAL_COMMANDS := node=nodejs npm=npm
 clinical-tools:
 	@missing=$$(for p in $(CLINICAL_DEBS); do \
-	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done; \
+	    for c in $(CLINICAL_COMMANDS); do command -v $${c%%=*} >/dev/null || echo $${c#*=}; done); \
 	if [ -n "$$missing" ]; then \
 	    sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	    echo "installing Debian packages:" $$missing; \
@@ -43,6 +48,13 @@ clinical-tools:
 	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing && \
 	    { $$sudo service orthanc stop >/dev/null 2>&1 || true; }; \
 	fi
+
+# The DICOM-SEG readers of tests/test_clinical_seg_readers.py that are not Python packages of the [test]
+# extra: pydicom-seg in a virtualenv of its own (tests/readers/requirements-pydicom-seg.txt: it needs
+# pydicom 2 and numpy 1) and dcmjs + @cornerstonejs/adapters (npm ci of tests/js/package-lock.json), both
+# cached under .cache/seg-readers/ (remade when those files change). Needs PyPI and the npm registry.
+seg-readers: setup clinical-tools
+	$(PY) -m tests.seg_readers
 
 # deploy/: render a kustomize overlay (gpu, cpu, gpu-x4) with the pinned kubectl of the [test] extra
 # (Debian 12 has no current kubectl), and the offline checks of the images and manifests.

@@ -26,6 +26,7 @@ from client.outputs import (OUTPUT_TYPES, DicomSegWriter, NiftiLabelMapWriter, O
                             check_output_dir, make_writers, plan_outputs)
 from client.segmentation_client import SegmentationClient, SegmentationError
 from clinical import structures
+from clinical.seg_encodings import DEFAULT_ENCODING, ENCODINGS
 from clinical.statistics import structure_labels
 from wholebody.contract import RESOLUTIONS, VARIANTS
 
@@ -52,7 +53,8 @@ PACS (DICOMweb: QIDO-RS/WADO-RS to pull, STOW-RS to store):
   python -m client --dicomweb http://pacs:8042/dicom-web --study 1.2.3.4 --store-seg -o labels/
         # pulls the study's CT series into a temporary folder (removed afterwards), segments each,
         # keeps labels/1.2.3.4/<series UID>/series<N>_seg.dcm and stores each DICOM-SEG in the study
-  python -m client --dicomweb http://pacs:8042/dicom-web --study 1.2.3.4 --series 1.2.3.4.5 --store-seg
+  python -m client --dicomweb http://pacs:8042/dicom-web --study 1.2.3.4 --series 1.2.3.4.5 --store-seg \
+      --seg-encoding binary   # a classic BINARY SEG, for a PACS or viewer older than the 2024 Label Map SEG
 
 Inputs: .nii/.nii.gz files (any letter case), folders of DICOM files or .zip archives of them, and
 folders, searched recursively. A folder whose own files include DICOM (also without preamble or
@@ -163,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="StudyInstanceUID of the study to pull (with --dicomweb)")
     dicom.add_argument("--store-seg", action="store_true",
                        help="store each series' DICOM-SEG back in its study on the PACS (STOW-RS; implies dicom-seg)")
+    dicom.add_argument(
+        "--seg-encoding", choices=list(ENCODINGS), metavar="ENCODING",
+        help=f"DICOM-SEG encoding, one of {', '.join(ENCODINGS)} (default: {DEFAULT_ENCODING}: the 2024 Label Map "
+        "SOP class, small; 'binary' for viewers, PACS and pydicom-seg older than it; which reader opens which: "
+        "README, DICOM-SEG). An existing SEG is kept on resume: add --overwrite to rewrite it in another encoding",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping them")
     parser.add_argument("--summary", action="store_true", help="print the voxel count of every structure found")
     parser.add_argument(
@@ -196,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     output_types = [t.strip().lower() for t in args.output_type.split(",") if t.strip()]
     if args.store_seg and "dicom-seg" not in output_types:
         output_types.append("dicom-seg")
+    if args.seg_encoding and "dicom-seg" not in output_types:
+        parser.error("--seg-encoding is for DICOM-SEG outputs: add --output-type dicom-seg (or --store-seg)")
     try:
-        writers = make_writers(output_types, statistics=args.statistics, preview=args.preview)
+        writers = make_writers(output_types, statistics=args.statistics, preview=args.preview,
+                               seg_encoding=args.seg_encoding or DEFAULT_ENCODING)
     except ValueError as exc:
         parser.error(str(exc))
     label_filter = None

@@ -26,6 +26,7 @@ from isal import igzip
 
 from client.inputs import Scan, Volume
 from clinical import structures
+from clinical.seg_encodings import DEFAULT_ENCODING, ENCODINGS
 
 # The format modules are imported by their writers' `write`, so that NIfTI alone needs none of
 # highdicom/pydicom (DICOM-SEG), pynrrd (seg.nrrd) or matplotlib (preview).
@@ -124,8 +125,11 @@ class NiftiLabelMapWriter:
 
 @dataclass(frozen=True)
 class DicomSegWriter:
-    """The label map as a DICOM-SEG referencing the scan's DICOM series (`clinical.dicom_seg`, its
-    default encoding: LABELMAP, RLE Lossless). Only for DICOM scans (`Volume.source_datasets`)."""
+    """The label map as a DICOM-SEG referencing the scan's DICOM series (`clinical.dicom_seg`) in
+    `encoding`, one of `clinical.seg_encodings.ENCODINGS` (default LABELMAP, RLE Lossless; "binary" for
+    readers older than the 2024 Label Map SOP class). Only for DICOM scans (`Volume.source_datasets`)."""
+
+    encoding: str = DEFAULT_ENCODING
 
     def output_name(self, scan: Scan, suffix: str) -> str:
         return f"{scan.relative.name}{suffix}.dcm"
@@ -152,7 +156,7 @@ class DicomSegWriter:
             raise ValueError("a DICOM-SEG needs a DICOM input series to reference")
         from clinical.dicom_seg import write_dicom_seg
 
-        write_dicom_seg(label_map, volume.source_datasets, path)
+        write_dicom_seg(label_map, volume.source_datasets, path, encoding=self.encoding)
 
 
 def _frames(ds: Dataset) -> int:
@@ -165,15 +169,19 @@ def _frames(ds: Dataset) -> int:
 
 @dataclass(frozen=True)
 class SegNrrdWriter:
-    """The label map as a 3D Slicer segmentation (`.seg.nrrd`, named and coloured segments)."""
+    """The label map as a 3D Slicer segmentation (`.seg.nrrd`, named and coloured segments, each with
+    its SNOMED CT codes as Slicer's TerminologyEntry)."""
 
     def output_name(self, scan: Scan, suffix: str) -> str:
         return f"{scan.relative.name}{suffix}.seg.nrrd"
 
     def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
-        from clinical.seg_nrrd import write_seg_nrrd
+        from clinical.seg_nrrd import terminology_entry, write_seg_nrrd
 
-        write_seg_nrrd(path, label_map, volume.affine, structures.label_names(), structure_colors())
+        entries = [None if s.category is None or s.type is None else terminology_entry(s.category, s.type, s.modifier)
+                   for s in structures.structures()]
+        write_seg_nrrd(path, label_map, volume.affine, structures.label_names(), structure_colors(),
+                       terminologies=entries)
 
 
 def structure_colors() -> list[tuple[int, int, int]]:
@@ -231,16 +239,20 @@ class PreviewWriter:
 
 
 def make_writers(output_types: Sequence[str] = ("nifti",), statistics: bool = False,
-                 preview: bool = False) -> list[OutputWriter]:
-    """The writers for `output_types` (a subset of OUTPUT_TYPES, in that order) and the extras.
+                 preview: bool = False, seg_encoding: str = DEFAULT_ENCODING) -> list[OutputWriter]:
+    """The writers for `output_types` (a subset of OUTPUT_TYPES, in that order) and the extras; the
+    DICOM-SEG in `seg_encoding` (a name of `clinical.seg_encodings.ENCODINGS`).
 
-    Raises ValueError naming the valid types for an unknown one, or when nothing would be written.
+    Raises ValueError naming the valid types for an unknown one or an unknown encoding, or when
+    nothing would be written.
     """
     unknown = [t for t in output_types if t not in OUTPUT_TYPES]
     if unknown:
         raise ValueError(f"unknown output type {', '.join(unknown)}; choose from {', '.join(OUTPUT_TYPES)}")
+    if seg_encoding not in ENCODINGS:
+        raise ValueError(f"unknown DICOM-SEG encoding {seg_encoding!r}; choose from {', '.join(ENCODINGS)}")
     by_type: dict[str, OutputWriter] = {
-        "nifti": NiftiLabelMapWriter(), "dicom-seg": DicomSegWriter(), "seg-nrrd": SegNrrdWriter()}
+        "nifti": NiftiLabelMapWriter(), "dicom-seg": DicomSegWriter(seg_encoding), "seg-nrrd": SegNrrdWriter()}
     writers = [by_type[t] for t in OUTPUT_TYPES if t in output_types]
     if statistics:
         table = StatisticsTable()

@@ -2,15 +2,17 @@
 
 One segment per structure present, labelled with the structure's name and coded from
 `clinical/structures.json` (SNOMED CT category, type, laterality modifier; display colour), the
-algorithm identified as the MONAI bundle. Encodings (`ENCODINGS`):
+algorithm identified as the MONAI bundle. Encodings (`ENCODINGS`, named in `clinical.seg_encodings`):
 
 - "labelmap-*": Label Map Segmentation Storage (DICOM 2024+, SOP class 1.2.840.10008.5.1.4.1.1.66.7):
   one 8-bit frame per slice whose pixel values are the bundle's labels, like the NIfTI output;
   "-rle", "-jpegls", "-jpeg2000" compress each frame losslessly.
 - "binary", "binary-jpeg2000": the classic Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4):
-  one 1-bit frame per slice and segment (non-empty frames only), readable by every SEG viewer.
+  one 1-bit frame per slice and segment (non-empty frames only); uncompressed "binary" is the one
+  encoding every reader tested opens (pydicom-seg and readers older than 2024 included).
 
-`python -m perf.dicom_seg_benchmark` measures their size and write/read times (README).
+Which reader opens which encoding is measured by tests/test_clinical_seg_readers.py, and size and
+write/read times by `python -m perf.dicom_seg_benchmark` (README, DICOM-SEG).
 """
 
 from __future__ import annotations
@@ -26,24 +28,20 @@ import numpy as np
 from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom.uid import UID
 
+from clinical import seg_encodings
 from clinical import structures as st
+from clinical.seg_encodings import DEFAULT_ENCODING
 
 log = logging.getLogger(__name__)
 
 ALGORITHM_NAME = "MONAI wholeBody_ct_segmentation"
 BUNDLE_VERSION = "0.2.5"  # the bundle whose label order (structures.json) this product serves
 MANUFACTURER = "wholebody-ct-triton"
-ENCODINGS: dict[str, tuple[str, str]] = {  # name -> (segmentation type, transfer syntax)
-    "labelmap-jpegls": ("LABELMAP", JPEGLSLossless),
-    "labelmap-rle": ("LABELMAP", RLELossless),
-    "labelmap-jpeg2000": ("LABELMAP", JPEG2000Lossless),
-    "labelmap": ("LABELMAP", ExplicitVRLittleEndian),
-    "binary": ("BINARY", ExplicitVRLittleEndian),
-    "binary-jpeg2000": ("BINARY", JPEG2000Lossless),
-}
-DEFAULT_ENCODING = "labelmap-rle"  # smallest-and-fastest trade-off measured (README, DICOM-SEG)
+# name -> (segmentation type, transfer syntax as pydicom's UID)
+ENCODINGS: dict[str, tuple[str, UID]] = {
+    name: (seg_type, UID(syntax)) for name, (seg_type, syntax) in seg_encodings.ENCODINGS.items()}
 
 
 class DicomSegError(ValueError):

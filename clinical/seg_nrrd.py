@@ -2,11 +2,16 @@
 
 Slicer's format is an NRRD file (written and read here with pynrrd) whose header carries, beside
 `space`/`space directions`/`space origin` (LPS), one group of `Segment<i>_*` key/value fields per
-segment: `_ID`, `_Name`, `_Color` (r g b in 0..1), `_LabelValue`, `_Layer` and `_Extent` (the
-segment's voxel bounding box, "i0 i1 j0 j1 k0 k1"), and `Segmentation_*` fields naming the master
-representation (Slicer's documentation: "Segmentation file format" in the Segmentations module).
+segment: `_ID`, `_Name`, `_Color` (r g b in 0..1), `_LabelValue`, `_Layer`, `_Extent` (the
+segment's voxel bounding box, "i0 i1 j0 j1 k0 k1") and `_Tags`, and `Segmentation_*` fields naming the
+master representation (Slicer's developer guide: "Segmentation labelmap file format (.seg.nrrd)").
 All segments are written into one layer (layer 0), each with its label value, so the file holds
 the label map unchanged.
+
+What a segment is, in standard codes, goes into its `_Tags` as Slicer's `TerminologyEntry` (same
+guide, "TerminologyEntry tag"): seven `~`-separated parts, the context name, category, type and type
+modifier (each `scheme^value^meaning`), the anatomic context name, region and region modifier; Slicer
+then shows the standard names and can match the segment to its terminology lists.
 """
 
 from __future__ import annotations
@@ -20,17 +25,46 @@ import nrrd
 import numpy as np
 
 from clinical._files import atomic_path
+from clinical.structures import Code
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+# Slicer's terminology contexts (Modules/Loadable/Terminologies/Resources in Slicer's source): the anatomy
+# list whose category "Anatomical Structure" is SCT 123037004, as in clinical/structures.json
+SLICER_SEGMENTATION_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 
 @dataclass(frozen=True)
 class Segment:
-    """One segment: its label value in the label map, name and display colour (r, g, b in 0..255)."""
+    """One segment: its label value in the label map, name, display colour (r, g, b in 0..255) and
+    Slicer `TerminologyEntry` string (None when the file has none)."""
 
     label: int
     name: str
     color: tuple[int, int, int]
+    terminology: str | None = None
+
+
+def terminology_entry(category: Code, type_: Code, modifier: Code | None = None,
+                      context: str = SLICER_SEGMENTATION_CONTEXT) -> str:
+    """Slicer's TerminologyEntry string for a segment coded by `category`, `type_` and `modifier`
+    (e.g. SNOMED CT codes from clinical/structures.json), no anatomic region:
+
+        <context>~SCT^123037004^Anatomical Structure~SCT^64033007^Kidney~SCT^7771000^Left
+        ~Anatomic codes - DICOM master list~^^~^^
+
+    Raises ValueError when a code holds one of the format's separators (~ ^ |).
+    """
+    def triplet(code: Code | None) -> str:
+        if code is None:
+            return "^^"
+        parts = (code.scheme, code.value, code.meaning)
+        if any(sep in part for part in parts for sep in "~^|"):
+            raise ValueError(f"code {parts} contains '~', '^' or '|', which Slicer's TerminologyEntry cannot hold")
+        return "^".join(parts)
+
+    return "~".join([context, triplet(category), triplet(type_), triplet(modifier), SLICER_ANATOMIC_CONTEXT,
+                     "^^", "^^"])
 
 
 @dataclass(frozen=True)
@@ -63,6 +97,7 @@ def write_seg_nrrd(
     colors: Sequence[Sequence[int]],
     include_empty: bool = False,
     compression_level: int = 1,
+    terminologies: Sequence[str | None] | None = None,
 ) -> Path:
     """Write a label map as a Slicer `.seg.nrrd`, one segment per structure present.
 
@@ -74,9 +109,12 @@ def write_seg_nrrd(
             colours (r, g, b in 0..255).
         include_empty: also list the structures absent from the label map (empty extent).
         compression_level: gzip level (1: a label map compresses nearly as well as at 9, faster).
+        terminologies: per label value, its Slicer TerminologyEntry (`terminology_entry`) or None;
+            written as the segment's `TerminologyEntry` tag.
 
     Raises:
-        ValueError: a label has no name or colour, the label map is not 3-D, or a label is above 255.
+        ValueError: a label has no name, colour or terminology entry, the label map is not 3-D, or a
+            label is above 255.
     """
     labels = np.asarray(label_map)
     if labels.ndim != 3:
@@ -86,6 +124,9 @@ def write_seg_nrrd(
     labels = labels.astype(np.uint8, copy=False)
     if len(colors) != len(names):
         raise ValueError(f"{len(names)} names but {len(colors)} colours: give one of each per label value")
+    if terminologies is not None and len(terminologies) != len(names):
+        raise ValueError(f"{len(names)} names but {len(terminologies)} terminology entries: give one per label value "
+                         "(None where there is none)")
     extents = _extents(labels)
     present = sorted(label for label in extents if label > 0)
     if present and present[-1] >= len(names):
@@ -119,6 +160,8 @@ def write_seg_nrrd(
                 f"Segment{i}_Extent": extent,
             }
         )
+        if terminologies is not None and terminologies[label] is not None:
+            header[f"Segment{i}_Tags"] = f"TerminologyEntry:{terminologies[label]}|"
     target = Path(path)
     with atomic_path(target) as tmp:
         nrrd.write(str(tmp), labels, header, compression_level=compression_level, index_order="F")
@@ -129,7 +172,7 @@ def read_seg_nrrd(path: str | os.PathLike[str]) -> Segmentation:
     """Read a single-layer `.seg.nrrd` (as Slicer writes non-overlapping segments, and as written here).
 
     Returns the label map in the file's voxel order ([X, Y, Z]), its voxel -> RAS affine and the
-    segments listed in the header (colours rounded to 0..255).
+    segments listed in the header (colours rounded to 0..255, TerminologyEntry tags as strings).
 
     Raises:
         ValueError: the file is not a 3-D segmentation with a known space (multi-layer files, where
@@ -165,7 +208,17 @@ def read_seg_nrrd(path: str | os.PathLike[str]) -> Segmentation:
                 label=int(header.get(f"Segment{i}_LabelValue", "1")),
                 name=str(header.get(f"Segment{i}_Name", header.get(f"Segment{i}_ID"))),
                 color=(round(color[0] * 255), round(color[1] * 255), round(color[2] * 255)),
+                terminology=_tag(str(header.get(f"Segment{i}_Tags", "")), "TerminologyEntry"),
             )
         )
         i += 1
     return Segmentation(label_map=np.asarray(data), affine=affine, segments=segments)
+
+
+def _tag(tags: str, key: str) -> str | None:
+    """The value of `key` in a Slicer `Segment<i>_Tags` field ("key:value|key:value|"), None if absent."""
+    for item in tags.split("|"):
+        name, sep, value = item.strip().partition(":")
+        if sep and name == key:
+            return value
+    return None

@@ -5,6 +5,10 @@ TotalSegmentator 2.18's (`totalsegmentator/resources/totalsegmentator_snomed_map
 `totalsegmentator==2.18.0` source archive on PyPI, Apache-2.0), taken for the bundle's v1 structure
 names, which that table lists under the same names. Regenerate it from that table with
 `python -m clinical.structures --csv PATH` (the label order comes from the ensemble config).
+
+The table's code meanings were checked against a second source, pydicom's dictionary of DICOM PS3.16
+concepts (`pydicom.sr._concepts_dict`, tests/test_clinical_structures.py); `MEANING_CORRECTIONS`
+records what differed and is applied on regeneration, so the file stays reproducible from the table.
 """
 
 from __future__ import annotations
@@ -22,8 +26,26 @@ SOURCE = (
     "TotalSegmentator 2.18.0 source archive (PyPI totalsegmentator==2.18.0, Apache-2.0), "
     "totalsegmentator/resources/totalsegmentator_snomed_mapping.csv: SegmentedPropertyCategory/Type/"
     "TypeModifier codes and DicomRGBColor of each structure, matched by name (the v1 names of this bundle "
-    "are rows of that table); background has no code"
+    "are rows of that table); background has no code; code meanings corrected where clinical/structures.py "
+    "MEANING_CORRECTIONS says (checked against pydicom's dictionary of DICOM PS3.16 concepts)"
 )
+
+# SNOMED CT code value -> (meaning in TotalSegmentator's table, meaning written, why). A meaning is the
+# display text of its code; viewers show it, and DICOM tools compare it with the standard's.
+MEANING_CORRECTIONS: dict[str, tuple[str, str, str]] = {
+    "75297007": ("Gluteus minius muscle", "Gluteus minimus muscle",
+                 "typo in the table; SNOMED CT 75297007 is the gluteus minimus muscle"),
+    "87878005": ("Left ventricle of heart", "Left ventricle", "PS3.16's meaning (CID 7151, CID 12305, ...)"),
+    "53085002": ("Right ventricle of heart", "Right ventricle", "PS3.16's meaning (CID 7151, CID 12305, ...)"),
+    "30315005": ("Small Intestine", "Small intestine", "PS3.16's meaning (CID 7151, CID 7154, ...)"),
+    "89837001": ("Urinary bladder", "Bladder", "PS3.16's meaning (CID 7151, CID 7160, ...)"),
+}
+# Kept although the second source differs: SCT 123037004 "Anatomical Structure" (every structure's
+# category). PS3.16 now codes the CID 7150 category "Anatomical Structure" as SCT 91723000 and SNOMED CT
+# names 123037004 "Body structure", but 3D Slicer's terminology lists (the General Anatomy list that the
+# seg.nrrd TerminologyEntry names), MONAI Label and TotalSegmentator use 123037004 "Anatomical Structure";
+# changing it would make our SEGs and seg.nrrd files differ from theirs.
+KEPT_AGAINST_PS3_16 = {"123037004": "Anatomical Structure"}
 
 
 @dataclass(frozen=True)
@@ -87,12 +109,15 @@ def _csv_code(row: dict[str, str], prefix: str) -> dict[str, str] | None:
     value = row.get(f"{prefix}.CodeValue", "").strip()
     if not value:
         return None
-    return {"value": value, "scheme": row[f"{prefix}.CodingSchemeDesignator"].strip(),
-            "meaning": row[f"{prefix}.CodeMeaning"].strip()}
+    meaning = row[f"{prefix}.CodeMeaning"].strip()
+    if value in MEANING_CORRECTIONS and meaning == MEANING_CORRECTIONS[value][0]:
+        meaning = MEANING_CORRECTIONS[value][1]
+    return {"value": value, "scheme": row[f"{prefix}.CodingSchemeDesignator"].strip(), "meaning": meaning}
 
 
 def build_table(csv_path: Path, names: list[str]) -> dict:
-    """The content of structures.json from TotalSegmentator's mapping table, for `names` in label order."""
+    """The content of structures.json from TotalSegmentator's mapping table, for `names` in label order,
+    with the code meanings of `MEANING_CORRECTIONS` corrected. Raises KeyError for a name the table lacks."""
     with open(csv_path, newline="") as f:
         rows = {r["Structure"]: r for r in csv.DictReader(f)}
     table = [{"label": 0, "name": names[0], "color": [0, 0, 0]}]

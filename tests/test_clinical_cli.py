@@ -33,7 +33,8 @@ from clinical import structures
 from clinical.dicom_seg import read_dicom_seg
 from clinical.dicom_series import read_ct_series, write_ct_series
 from clinical.dicomweb import find_series, pull_series
-from clinical.seg_nrrd import read_seg_nrrd
+from clinical.seg_encodings import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
+from clinical.seg_nrrd import read_seg_nrrd, terminology_entry
 from clinical.statistics import structure_statistics
 from tests.orthanc import LocalOrthanc
 from wholebody.contract import ENSEMBLE, ENSEMBLE_INT16
@@ -123,8 +124,12 @@ def test_dicom_folder_every_output_equals_the_nifti_route_and_resumes(
         present = [int(v) for v in np.unique(expected) if v]
         assert [s.label for s in segments] == present
         assert all(s.name == structures.structures()[s.label].name for s in segments)
+        assert pydicom.dcmread(out / folder / f"{series}_seg.dcm").SOPClassUID == LABEL_MAP_SEGMENTATION_STORAGE
         nrrd = read_seg_nrrd(out / folder / f"{series}_seg.seg.nrrd")
         np.testing.assert_array_equal(nrrd.label_map, expected)
+        coded = [structures.structures()[v] for v in present]  # Slicer sees each segment's SNOMED CT codes
+        assert [s.terminology for s in nrrd.segments] == [terminology_entry(c.category, c.type, c.modifier)
+                                                          for c in coded]
         stats = json.loads((out / folder / f"{series}_statistics.json").read_text())
         direct = structure_statistics(expected, np.asanyarray(slabs[name].dataobj), slabs[name].affine,
                                       structures.label_names())
@@ -228,7 +233,7 @@ def test_pacs_round_trip_from_the_cli(
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the pulled study goes
     out = tmp_path / "labels"
     assert client_main(["--dicomweb", orthanc.dicomweb, "--study", STUDY, "--store-seg", "-o", str(out),
-                        "-u", server.grpc_url, "--resolution", "lowres", "-q"]) == 0
+                        "-u", server.grpc_url, "--resolution", "lowres", "-q", "--seg-encoding", "binary"]) == 0
     assert not list(scratch.iterdir())  # the pulled study was removed
     local = out / STUDY / series_uid / "series2_seg.dcm"
     assert local.is_file()
@@ -239,12 +244,16 @@ def test_pacs_round_trip_from_the_cli(
     source = read_ct_series(tmp_path / "upload")[0]
     labels, _ = read_dicom_seg(pulled, source.datasets)
     np.testing.assert_array_equal(labels, nifti_route["a"])
+    stored = pydicom.dcmread(pulled)  # --seg-encoding binary: the classic SOP class, uncompressed
+    assert (stored.SOPClassUID, stored.SegmentationType) == (SEGMENTATION_STORAGE, "BINARY")
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     meta = requests.get(f"{orthanc.dicomweb}/studies/{STUDY}/series/{seg_series}/metadata", timeout=10).json()
     assert meta[0]["0020000D"]["Value"][0] == STUDY
     assert meta[0]["00081115"]["Value"][0]["0020000E"]["Value"][0] == series_uid  # ReferencedSeriesSequence
     # a rerun skips the segmentation and stores the same SEG again: still one SEG instance in the study
     assert client_main(["--dicomweb", orthanc.dicomweb, "--study", STUDY, "--series", series_uid, "--store-seg",
-                        "-o", str(out), "-u", server.grpc_url, "--resolution", "lowres", "-q"]) == 0
+                        "-o", str(out), "-u", server.grpc_url, "--resolution", "lowres", "-q",
+                        "--seg-encoding", "binary"]) == 0
     assert len(requests.get(f"{orthanc.dicomweb}/studies/{STUDY}/series/{seg_series}/instances",
                             timeout=10).json()) == 1
 
@@ -293,8 +302,13 @@ def test_help_teaches_dicom_outputs_and_pacs(capsys: pytest.CaptureFixture[str])
     text = capsys.readouterr().out
     for example in ("python -m client study/ -o labels/ --output-type nifti,dicom-seg", "--series-uid",
                     "--statistics --preview", "--roi-subset liver spleen", "--dicomweb http://pacs:8042/dicom-web",
-                    "--store-seg", "--padding-to-air", "padded_percent, missing_outputs", "--verbose"):
+                    "--store-seg", "--padding-to-air", "padded_percent, missing_outputs", "--verbose",
+                    "--seg-encoding binary"):
         assert example in text, example
+    with pytest.raises(SystemExit) as exit_info:  # an encoding without a DICOM-SEG output is a usage error
+        client_main(["ct.nii.gz", "--seg-encoding", "binary"])
+    assert exit_info.value.code == 2
+    assert "--seg-encoding is for DICOM-SEG outputs" in capsys.readouterr().err
 
 
 def test_a_series_without_uids_keeps_its_other_outputs_and_a_name_of_its_own(

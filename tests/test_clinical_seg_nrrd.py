@@ -106,3 +106,56 @@ def test_slicers_own_reader_sees_named_coloured_segments(tmp_path) -> None:
         expected = COLORS[segment["labelValue"]]
         assert [round(c * 255) for c in segment["color"]] == list(expected)
     assert seg["segments"][0]["extent"] == [5, 14, 3, 8, 2, 3]
+
+
+def test_slicer_reads_each_segments_snomed_terminology(tmp_path) -> None:
+    """Every structure's codes (clinical/structures.json) as Slicer's TerminologyEntry tag, parsed back by
+    slicerio as 3D Slicer does: context, category, type, laterality modifier, anatomic context."""
+    import slicerio
+
+    from clinical import structures
+    from clinical.seg_nrrd import SLICER_ANATOMIC_CONTEXT, SLICER_SEGMENTATION_CONTEXT, terminology_entry
+
+    table = structures.structures()
+    entries = [None if s.type is None else terminology_entry(s.category, s.type, s.modifier) for s in table]
+    labels = np.zeros((len(table), 2, 2), np.uint8)
+    labels[:, 0, 0] = np.arange(len(table))  # every structure present once
+    path = tmp_path / "all.seg.nrrd"
+    write_seg_nrrd(path, labels, np.eye(4), structures.label_names(), [s.color for s in table],
+                   terminologies=entries)
+    seg = slicerio.read_segmentation(str(path))
+    assert len(seg["segments"]) == len(table) - 1
+    for segment in seg["segments"]:
+        s = table[segment["labelValue"]]
+        terminology = segment["terminology"]
+        assert terminology["contextName"] == SLICER_SEGMENTATION_CONTEXT
+        assert terminology["category"] == ["SCT", "123037004", "Anatomical Structure"]
+        assert terminology["type"] == [s.type.scheme, s.type.value, s.type.meaning], s.name
+        modifier = [s.modifier.scheme, s.modifier.value, s.modifier.meaning] if s.modifier else None
+        assert terminology.get("typeModifier") == modifier, s.name
+        assert terminology["anatomicContextName"] == SLICER_ANATOMIC_CONTEXT
+        assert "anatomicRegion" not in terminology
+    kidney = next(x for x in seg["segments"] if x["name"] == "kidney_left")["terminology"]
+    assert kidney["type"] == ["SCT", "64033007", "Kidney"] and kidney["typeModifier"] == ["SCT", "7771000", "Left"]
+    # the exact string of Slicer's format, and our own reader gives it back
+    header = nrrd.read_header(str(path))
+    assert header["Segment2_Tags"] == (
+        "TerminologyEntry:Segmentation category and type - 3D Slicer General Anatomy list"
+        "~SCT^123037004^Anatomical Structure~SCT^64033007^Kidney~SCT^7771000^Left"
+        "~Anatomic codes - DICOM master list~^^~^^|")
+    back = read_seg_nrrd(path)
+    assert [s.terminology for s in back.segments] == entries[1:]
+
+
+def test_terminology_refuses_separators_and_a_short_list(tmp_path) -> None:
+    from clinical.seg_nrrd import terminology_entry
+    from clinical.structures import Code
+
+    with pytest.raises(ValueError, match="cannot hold"):
+        terminology_entry(Code("123037004", "SCT", "Anatomical Structure"), Code("1", "SCT", "a~b"))
+    with pytest.raises(ValueError, match="terminology entries"):
+        write_seg_nrrd(tmp_path / "x.seg.nrrd", _labels(), np.eye(4), NAMES, COLORS, terminologies=[None])
+    assert list(tmp_path.iterdir()) == []
+    write_seg_nrrd(tmp_path / "plain.seg.nrrd", _labels(), np.eye(4), NAMES, COLORS)  # no terminology: no tag
+    assert "Segment0_Tags" not in nrrd.read_header(str(tmp_path / "plain.seg.nrrd"))
+    assert read_seg_nrrd(tmp_path / "plain.seg.nrrd").segments[0].terminology is None

@@ -30,6 +30,8 @@ REAL_CTS = {
     "example_ct": "totalsegmentator-2.18.0/tests/reference_files/example_ct.nii.gz",
     # chest CT angiogram, 233x167x191 at 1.5 mm, axis codes L,P,S, int16: matches the highres model
     "aorta_ct": "totalsegmentator-2.18.0/tests/reference_files/aorta_report/example_ct.nii.gz",
+    # 30 slices of example_ct's top (122x101x30 at 3.0 mm, int16), the CT of REAL_LABEL_MASKS
+    "example_ct_sm": "totalsegmentator-2.18.0/tests/reference_files/example_ct_sm.nii.gz",
 }
 
 
@@ -122,3 +124,71 @@ def synthetic_ct(
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = -np.asarray(shape) * np.asarray(spacing) / 2
     return nib.Nifti1Image(volume, affine)
+
+
+# TotalSegmentator 2.18's own "fast" segmentation of example_ct_sm: one binary mask per structure (its v2
+# names, most of which are this bundle's v1 names), on example_ct_sm's grid, in the same archive
+REAL_LABEL_MASKS = "totalsegmentator-2.18.0/tests/reference_files/example_seg_fast/"
+
+
+def real_label_masks(cache: Path = DEFAULT_CACHE) -> Path:
+    """Folder of real structure masks (REAL_LABEL_MASKS: `<name>.nii.gz`, uint8 0/1, on the grid of
+    `real_ct("example_ct_sm")`), extracted once from the source archive into `cache`."""
+    target = Path(cache) / "ct" / "example_seg_fast"
+    if target.is_dir():
+        return target
+    archive = _sdist(cache)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, suffix=".partial"))
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(REAL_LABEL_MASKS)
+                       and m.name.endswith(".nii.gz")]
+            if not members:
+                raise RuntimeError(f"{archive} has no {REAL_LABEL_MASKS}")
+            for member in members:
+                (partial / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+        partial.replace(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def real_label_map(names: list[str], cache: Path = DEFAULT_CACHE) -> nib.Nifti1Image:
+    """A real label map on example_ct_sm's grid: TotalSegmentator's masks (`real_label_masks`) of the
+    structures in `names` (index = label value, 0 = background), uint8 [X, Y, Z], labels = indices.
+
+    Structures without a mask (other names) stay absent; where masks overlap, the higher label wins.
+    """
+    folder = real_label_masks(cache)
+    reference = nib.load(real_ct("example_ct_sm", cache))
+    labels = np.zeros(reference.shape, dtype=np.uint8)
+    for label, name in enumerate(names):
+        path = folder / f"{name}.nii.gz"
+        if label == 0 or not path.exists():
+            continue
+        mask = nib.load(path)
+        if mask.shape != reference.shape or not np.allclose(mask.affine, reference.affine, atol=1e-4):
+            raise RuntimeError(f"{path} is not on the grid of example_ct_sm")
+        labels[np.asanyarray(mask.dataobj) > 0] = label
+    return nib.Nifti1Image(labels, reference.affine)
+
+
+# TotalSegmentator's table of SNOMED CT codes and colours per structure (clinical/structures.json's source)
+SNOMED_MAPPING_CSV = "totalsegmentator-2.18.0/totalsegmentator/resources/totalsegmentator_snomed_mapping.csv"
+
+
+def snomed_mapping_csv(cache: Path = DEFAULT_CACHE) -> Path:
+    """Path of SNOMED_MAPPING_CSV, extracted once from the source archive into `cache`."""
+    target = Path(cache) / "sdists" / "totalsegmentator_snomed_mapping.csv"
+    if target.exists():
+        return target
+    archive = _sdist(cache)
+    with tarfile.open(archive) as tar:
+        data = tar.extractfile(SNOMED_MAPPING_CSV)
+        if data is None:
+            raise RuntimeError(f"{archive} has no {SNOMED_MAPPING_CSV}")
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".partial") as tmp:
+            tmp.write(data.read())
+    Path(tmp.name).replace(target)
+    return target
