@@ -27,6 +27,7 @@ from isal import igzip
 from client.inputs import Scan, Volume
 from clinical import structures
 from clinical.seg_encodings import DEFAULT_ENCODING, ENCODINGS
+from wholebody import atomic
 
 # The format modules are imported by their writers' `write`, so that NIfTI alone needs none of
 # highdicom/pydicom (DICOM-SEG), pynrrd (seg.nrrd) or matplotlib (preview).
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 OUTPUT_TYPES = ("nifti", "dicom-seg", "seg-nrrd")  # label-map outputs; --output-type
 # atomic_write's hidden temporary name adds this many bytes to an output's name: ".<name>.XXXXXXXX.partial"
-TEMPORARY_NAME_EXTRA = len(".") + len(".") + 8 + len(".partial")
+TEMPORARY_NAME_EXTRA = atomic.TEMPORARY_NAME_EXTRA
 
 # ISA-L's level 1: for a 512x512x397 label map ~10x faster than zlib's level 1 (what nibabel uses)
 # at a similar size; label maps are long runs of few values.
@@ -64,21 +65,15 @@ class OutputWriter(Protocol):
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(stream)` on a hidden temporary file next to `path`, then rename it to `path`.
 
-    The file gets the usual permissions (0666 less the umask); on any failure the temporary file is
-    removed and nothing is left at `path` that was not there before.
+    The folder is created if missing; the rest is `wholebody.atomic.atomic_write`: the file gets the
+    usual permissions (0666 less the umask); on any failure the temporary file is removed and nothing is
+    left at `path` that was not there before.
+
+    Raises:
+        OSError: the folder or file cannot be made, written or renamed; `write`'s exceptions pass through.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            write(stream)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.atomic_write(path, write)
 
 
 def label_map_image(label_map: np.ndarray, like: nib.Nifti1Image | nib.Nifti2Image) -> nib.Nifti1Image:

@@ -18,8 +18,6 @@ write/read times by `python -m perf.dicom_seg_benchmark` (README, DICOM-SEG).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from pydicom.uid import UID
 from clinical import seg_encodings
 from clinical import structures as st
 from clinical.seg_encodings import DEFAULT_ENCODING
+from wholebody.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +134,7 @@ def write_dicom_seg(
         device_serial_number="0", transfer_syntax_uid=syntax, series_description=series_description,
         omit_empty_frames=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            seg.save_as(f, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda stream: seg.save_as(stream, enforce_file_format=True))
     return path
 
 

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 
-from clinical._files import atomic_path
+from wholebody.atomic import atomic_path
 
 DEFAULT_WINDOW_HU = (-400.0, 600.0)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import nrrd
 import numpy as np
 
-from clinical._files import atomic_path
 from clinical.structures import Code
+from wholebody.atomic import atomic_path
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 # Slicer's terminology contexts (Modules/Loadable/Terminologies/Resources in Slicer's source): the anatomy

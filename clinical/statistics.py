@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from clinical._files import atomic_path
+from wholebody.atomic import atomic_path
 
 
 @dataclass(frozen=True)
