@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from wholebody.atomic import atomic_write
 
 # A runner maps a batch of windows [b,1,96,96,96] float32 to logits [b,105,96,96,96] float32.
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -18,17 +19,14 @@ class ExportError(RuntimeError):
 
 
 def write_atomically(path: Path, data: bytes | str) -> Path:
-    """Write `data` to `path` through a `.partial` file and a rename: readers never see half a file."""
+    """Write `data` to `path` through a hidden temporary file and a rename (`wholebody.atomic`): readers never
+    see half a file, two writers never share a temporary, and the file's mode comes from the umask.
+
+    Raises:
+        OSError: the folder of `path` is missing or not writable.
+    """
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        if isinstance(data, str):
-            partial.write_text(data)
-        else:
-            partial.write_bytes(data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    atomic_write(path, lambda stream: stream.write(data.encode() if isinstance(data, str) else data))
     return path
 
 

@@ -19,7 +19,6 @@ Opset 17 because:
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from export.common import ExportError, Runner
+from wholebody.atomic import atomic_path
 from wholebody.contract import IN_CHANNELS, LOGITS, NUM_CLASSES, ROI_SIZE, WINDOW
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,8 @@ def export_onnx(network: torch.nn.Module, path: Path, opset: int = OPSET) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     example = torch.zeros(1, IN_CHANNELS, *ROI_SIZE)
-    try:
+    with atomic_path(path) as partial:
         with warnings.catch_warnings(), torch.no_grad():
             # the deprecation notice of the TorchScript-based exporter (the choice is deliberate, see above), and
             # the tracer's note on GroupNorm's training-mode size check, a constant for 96^3 windows
@@ -70,9 +69,6 @@ def export_onnx(network: torch.nn.Module, path: Path, opset: int = OPSET) -> Pat
                 do_constant_folding=True,
             )
         check_onnx(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     log.info("wrote %s (%.1f MB, opset %d)", path, path.stat().st_size / 1e6, opset)
     return path
 
