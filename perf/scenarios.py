@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
+from wholebody.atomic import atomic_write
 from wholebody.contract import (
     AFFINE,
     ENSEMBLE,
@@ -349,9 +350,8 @@ def write_inputs(inputs_root: Path, scenario: Scenario, variant: str) -> Path:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
+    """Write `data` to `path` whole or not at all (`wholebody.atomic`); raises OSError if it cannot."""
+    atomic_write(path, lambda stream: stream.write(data))
 
 
 def perf_analyzer_command(

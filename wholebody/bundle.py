@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
+from wholebody.atomic import atomic_path
 from wholebody.contract import (
     IN_CHANNELS,
     MODEL_REPOSITORY,
@@ -149,9 +150,8 @@ def make_test_bundle(out: Path, init_filters: int = 32, seed: int = 0) -> Path:
         torch.manual_seed(seed + index)
         network = build_network(network_def)
         target = out / "models" / RESOLUTIONS[resolution].checkpoint
-        partial = target.with_suffix(".partial")
-        torch.save(network.state_dict(), partial)
-        partial.replace(target)
+        with atomic_path(target) as partial:
+            torch.save(network.state_dict(), partial)
     return out
 
 
@@ -188,13 +188,12 @@ def install_bundle(bundle_dir: Path, model_repository: Path) -> list[Path]:
             version_dir.mkdir(exist_ok=True)
             target = version_dir / source.name
             if not (target.exists() and os.path.samefile(source, target)):
-                partial = target.with_name(target.name + ".partial")
-                partial.unlink(missing_ok=True)
-                try:
-                    os.link(source, partial)
-                except OSError:
-                    shutil.copyfile(source, partial)
-                partial.replace(target)
+                with atomic_path(target) as partial:
+                    partial.unlink()  # a new name of the source's file (its mode stays), or a copy
+                    try:
+                        os.link(source, partial)
+                    except OSError:
+                        shutil.copyfile(source, partial)
             (version_dir / "network_def.json").write_text(json.dumps(network_def, indent=2) + "\n")
             installed.append(target)
     return installed

@@ -6,18 +6,19 @@ which carries them under `tests/reference_files/` (the wheel does not).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from wholebody.atomic import atomic_path, atomic_write
 from wholebody.triton_server import DEFAULT_CACHE
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,7 @@ def real_ct(name: str = "example_ct", cache: Path = DEFAULT_CACHE) -> Path:
             data = tar.extractfile(member)
             if data is None:
                 raise RuntimeError(f"{archive} has no {member}")
-            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".partial") as tmp:
-                tmp.write(data.read())
-            Path(tmp.name).replace(target.parent / f"{other}.nii.gz")
+            atomic_write(target.parent / f"{other}.nii.gz", functools.partial(shutil.copyfileobj, data))
     return target
 
 
@@ -67,17 +66,12 @@ def real_ct_dicom(cache: Path = DEFAULT_CACHE) -> Path:
         return target
     archive = _sdist(cache)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=target.parent, suffix=".partial"))
-    try:
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(REAL_CT_DICOM)]
-            if not members:
-                raise RuntimeError(f"{archive} has no {REAL_CT_DICOM}")
-            for member in members:
-                (partial / Path(member.name).name).write_bytes(tar.extractfile(member).read())
-        partial.replace(target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    with atomic_path(target, directory=True) as partial, tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(REAL_CT_DICOM)]
+        if not members:
+            raise RuntimeError(f"{archive} has no {REAL_CT_DICOM}")
+        for member in members:
+            (partial / Path(member.name).name).write_bytes(tar.extractfile(member).read())
     return target
 
 
@@ -139,18 +133,13 @@ def real_label_masks(cache: Path = DEFAULT_CACHE) -> Path:
         return target
     archive = _sdist(cache)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=target.parent, suffix=".partial"))
-    try:
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(REAL_LABEL_MASKS)
-                       and m.name.endswith(".nii.gz")]
-            if not members:
-                raise RuntimeError(f"{archive} has no {REAL_LABEL_MASKS}")
-            for member in members:
-                (partial / Path(member.name).name).write_bytes(tar.extractfile(member).read())
-        partial.replace(target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    with atomic_path(target, directory=True) as partial, tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(REAL_LABEL_MASKS)
+                   and m.name.endswith(".nii.gz")]
+        if not members:
+            raise RuntimeError(f"{archive} has no {REAL_LABEL_MASKS}")
+        for member in members:
+            (partial / Path(member.name).name).write_bytes(tar.extractfile(member).read())
     return target
 
 
@@ -188,7 +177,5 @@ def snomed_mapping_csv(cache: Path = DEFAULT_CACHE) -> Path:
         data = tar.extractfile(SNOMED_MAPPING_CSV)
         if data is None:
             raise RuntimeError(f"{archive} has no {SNOMED_MAPPING_CSV}")
-        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".partial") as tmp:
-            tmp.write(data.read())
-    Path(tmp.name).replace(target)
+        atomic_write(target, functools.partial(shutil.copyfileobj, data))
     return target
