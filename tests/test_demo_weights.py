@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.util
 import json
 import logging
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -34,9 +39,11 @@ from wholebody.bundle_download import (
     choose_weights,
     released_bundle_urls,
 )
+from wholebody.contract import REPO_ROOT
 
 TIMEOUT_S = 3.0
 ARCHIVE = f"{BUNDLE_NAME}_v{BUNDLE_VERSION}.zip"
+DEPLOY = REPO_ROOT / "deploy"
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -203,3 +210,70 @@ def test_demo_flags_force_either_weights(cache: Path, monkeypatch: pytest.Monkey
     assert given.source == "given" and given.bundle == Path("/some/bundle")
     with pytest.raises(SystemExit):
         parse_args(["--bundle", "/b", "--random-weights"])
+
+
+# --- the container entrypoint: download only when asked, random weights only when told ---------------------
+
+def _entrypoint() -> ModuleType:
+    """deploy/entrypoint.py, a script in the image: loaded by path (registered: its dataclasses need it)."""
+    name = "wholebody_entrypoint_weights"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DEPLOY / "entrypoint.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _entrypoint_env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHOLEBODY_")}
+    env.update({f"WHOLEBODY_{k.upper()}": v for k, v in settings.items()})
+    env["PYTHONPATH"] = str(REPO_ROOT)  # this checkout's wholebody, wherever an editable install points
+    return env
+
+
+def _run_entrypoint(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(DEPLOY / "entrypoint.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_entrypoint_stops_on_a_failed_download_in_one_line(cache: Path) -> None:
+    env = _entrypoint_env(download_bundle="1", bundle_cache=str(cache), download_timeout=str(TIMEOUT_S),
+                          bundle_url=f"http://127.0.0.1:{_closed_port()}/{ARCHIVE}",
+                          model_repository=str(cache / "state" / "model_repository"), config_name="cpu")
+    result = _run_entrypoint("--prepare-only", env=env)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "released bundle not downloaded" in line and "--random-weights" in line, line
+
+
+def test_entrypoint_falls_back_to_random_weights_only_when_told(cache: Path) -> None:
+    target = cache / "state" / "model_repository"
+    env = _entrypoint_env(download_bundle="1", random_weights="1", bundle_cache=str(cache),
+                          download_timeout=str(TIMEOUT_S), bundle_url=f"http://127.0.0.1:{_closed_port()}/x.zip",
+                          model_repository=str(target), config_name="cpu")
+    result = _run_entrypoint("--prepare-only", env=env)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "released bundle not available" in line]
+    assert len(warnings) == 1 and "random weights" in warnings[0], result.stderr
+    assert list((target / "segresnet_lowres_torch_fp32" / "1").glob("*.pt"))
+
+
+def test_entrypoint_installs_the_downloaded_bundle(
+    cache: Path, served: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, md5 = served
+    monkeypatch.setattr(bundle_download, "RELEASED_MD5", md5)  # the served archive's random weights
+    target = cache / "state" / "model_repository"
+    env = _entrypoint_env(download_bundle="1", bundle_cache=str(cache), bundle_url=f"{base}/good.zip",
+                          model_repository=str(target), config_name="cpu")
+    assert _entrypoint().main(["--prepare-only"], env=env) == 0
+    bundle = cache / "bundles" / f"{BUNDLE_NAME}_v{BUNDLE_VERSION}"
+    installed = target / "segresnet_lowres_torch_fp32" / "1" / "model_lowres.pt"
+    assert installed.read_bytes() == (bundle / "models" / "model_lowres.pt").read_bytes()
+
+
+def test_entrypoint_refuses_a_bundle_and_random_weights_together(tmp_path: Path) -> None:
+    result = _run_entrypoint(env=_entrypoint_env(bundle=str(tmp_path), random_weights="1"))
+    assert result.returncode == 2 and "--bundle and --random-weights together" in result.stderr
