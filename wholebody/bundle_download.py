@@ -156,8 +156,6 @@ def _download_one(url: str, staging: Path, name: str, version: str, timeout: flo
     try:
         with _bounded_and_quiet(timeout):
             download(name=name, version=version, bundle_dir=str(staging), url=url, progress=False)
-    except BundleDownloadError:
-        raise
     except Exception as exc:  # URLError, HTTPError, timeouts, BadZipFile, ... from urllib and zipfile
         raise BundleDownloadError(f"{exc.__class__.__name__}: {_short(exc)}") from exc
     return _unpacked_bundle(staging, name)
