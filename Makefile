@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 # it from PyPI (add --index-url https://download.pytorch.org/whl/cpu to TORCH_SPEC for a CPU-only box).
 TORCH_SPEC ?= torch==2.13.0
 BUNDLE ?=
+# make demo RANDOM_WEIGHTS=1: random weights of the real architecture, no download of the released bundle
+RANDOM_WEIGHTS ?=
 
 .PHONY: setup demo test serve clinical-tools seg-readers render deploy-check
 setup: $(VENV)/.installed
@@ -21,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m wholebody.demo $(if $(BUNDLE),--bundle $(BUNDLE))
+	$(PY) -m demo $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(filter 1 yes true,$(RANDOM_WEIGHTS)),--random-weights)
 
 # WHOLEBODY_REQUIRE_SEG_READERS: a DICOM-SEG reader that is missing fails its test instead of skipping it
 test: setup clinical-tools seg-readers

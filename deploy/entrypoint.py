@@ -5,7 +5,12 @@ Steps, each with the project's own command:
 1. copy the image's model repository (configs and code, read-only in the image) into a writable
    folder (an emptyDir in Kubernetes): `wholebody.bundle.copy_model_repository`;
 2. `python -m wholebody.bundle install --bundle DIR --model-repository REPO` (the checkpoints come
-   from a mounted volume or an init container; the image holds no weights);
+   from a mounted volume or an init container; the image holds no weights). Without a bundle,
+   `--download-bundle` fetches the released one with MONAI's bundle download into `--cache`, verified
+   (`wholebody.bundle_download`); a failure stops the start (exit 2) unless `--random-weights` is
+   given too, which falls back to random weights of the real architecture with one line saying why.
+   `--random-weights` alone serves them without a download (image smoke tests: labels mean nothing);
+   a server never serves random weights unless told to;
 3. optionally `python -m export --bundle DIR --out REPO` (TensorRT plans are tied to the GPU model and
    the TensorRT version, so they are built where they will be served, at start, when asked);
 4. `exec python -m wholebody.triton_server serve ...`: the launcher builds the locked-down
@@ -32,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger("wholebody.entrypoint")
@@ -40,6 +45,7 @@ log = logging.getLogger("wholebody.entrypoint")
 # A model repository prepared by this script carries this file; only such a folder is ever replaced.
 MARKER = ".prepared-by-wholebody-entrypoint"
 DEFAULT_TARGET = Path("/var/lib/wholebody/model_repository")
+DEFAULT_CACHE = Path("/var/lib/wholebody/cache")
 DEFAULT_KEY_FILE_ENV = "WHOLEBODY_OPERATOR_KEY_FILE"
 
 
@@ -67,14 +73,19 @@ class Settings:
     export_args: list[str] = field(default_factory=list)
     launcher_args: list[str] = field(default_factory=list)
     python: str = sys.executable
+    download_bundle: bool = False
+    random_weights: bool = False
+    cache: Path = DEFAULT_CACHE
+    bundle_urls: list[str] | None = None
+    download_timeout: float = 20.0
 
 
-def _env_bool(value: str) -> bool:
+def _env_bool(value: str, name: str = "WHOLEBODY_BUILD_TENSORRT") -> bool:
     if value.strip().lower() in ("1", "true", "yes", "on"):
         return True
     if value.strip().lower() in ("", "0", "false", "no", "off"):
         return False
-    raise EntrypointError(f"WHOLEBODY_BUILD_TENSORRT={value!r}: use 1/true/yes or 0/false/no")
+    raise EntrypointError(f"{name}={value!r}: use 1/true/yes or 0/false/no")
 
 
 def default_source_repository() -> Path:
@@ -104,6 +115,21 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle", type=Path, default=optional_path("WHOLEBODY_BUNDLE"),
                    help="MONAI bundle directory (configs/inference.json, models/*.pt) [WHOLEBODY_BUNDLE]")
+    p.add_argument("--download-bundle", action=argparse.BooleanOptionalAction,
+                   default=_env_bool(get("WHOLEBODY_DOWNLOAD_BUNDLE", ""), "WHOLEBODY_DOWNLOAD_BUNDLE"),
+                   help="without --bundle: fetch the released wholeBody_ct_segmentation with MONAI's bundle "
+                   "download into --cache, verified; a failure stops the start [WHOLEBODY_DOWNLOAD_BUNDLE=1]")
+    p.add_argument("--random-weights", action=argparse.BooleanOptionalAction,
+                   default=_env_bool(get("WHOLEBODY_RANDOM_WEIGHTS", ""), "WHOLEBODY_RANDOM_WEIGHTS"),
+                   help="without --bundle: random weights of the real architecture (smoke tests; labels mean "
+                   "nothing); with --download-bundle, only if the download fails [WHOLEBODY_RANDOM_WEIGHTS=1]")
+    p.add_argument("--cache", type=Path, default=Path(get("WHOLEBODY_BUNDLE_CACHE", str(DEFAULT_CACHE))),
+                   help=f"where downloaded/random bundles are kept [WHOLEBODY_BUNDLE_CACHE, default {DEFAULT_CACHE}]")
+    p.add_argument("--bundle-url", action="append", default=shlex.split(get("WHOLEBODY_BUNDLE_URL", "")) or None,
+                   help="archive URL of the released bundle to try instead of MONAI's, e.g. a mirror "
+                   "(repeatable) [WHOLEBODY_BUNDLE_URL, space-separated]")
+    p.add_argument("--download-timeout", type=float, default=float(get("WHOLEBODY_DOWNLOAD_TIMEOUT", "20")),
+                   help="seconds each network operation of the download may take [WHOLEBODY_DOWNLOAD_TIMEOUT]")
     p.add_argument("--model-repository", type=Path,
                    default=Path(get("WHOLEBODY_MODEL_REPOSITORY", str(DEFAULT_TARGET))),
                    help="writable folder the repository is prepared in and served from; replaced on every "
@@ -146,9 +172,13 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Check the parsed flags; raises EntrypointError naming the flag/variable to fix."""
-    if args.bundle is None:
-        raise EntrypointError("no bundle: pass --bundle DIR or set WHOLEBODY_BUNDLE (a mounted MONAI bundle folder)")
-    if not (args.bundle / "configs" / "inference.json").is_file():
+    if args.bundle is None and not (args.download_bundle or args.random_weights):
+        raise EntrypointError("no bundle: pass --bundle DIR or set WHOLEBODY_BUNDLE (a mounted MONAI bundle folder), "
+                              "or WHOLEBODY_DOWNLOAD_BUNDLE=1 to fetch the released one")
+    if args.bundle is not None and args.random_weights:
+        raise EntrypointError("--bundle and --random-weights together: choose one (WHOLEBODY_BUNDLE, "
+                              "WHOLEBODY_RANDOM_WEIGHTS)")
+    if args.bundle is not None and not (args.bundle / "configs" / "inference.json").is_file():
         raise EntrypointError(
             f"{args.bundle} is not a MONAI bundle (no configs/inference.json): mount the folder that "
             "`python -m monai.bundle download wholeBody_ct_segmentation` wrote, or fix WHOLEBODY_BUNDLE"
@@ -179,7 +209,34 @@ def settings_from(args: argparse.Namespace) -> Settings:
         build_tensorrt=args.build_tensorrt,
         export_args=shlex.split(args.export_args),
         launcher_args=shlex.split(args.launcher_args),
+        download_bundle=args.download_bundle,
+        random_weights=args.random_weights,
+        cache=args.cache,
+        bundle_urls=args.bundle_url,
+        download_timeout=args.download_timeout,
     )
+
+
+def obtain_bundle(s: Settings) -> Settings:
+    """`s` with its bundle: the given one, else the released one downloaded (and verified) or random weights.
+
+    A failed download is one line: an error (exit 2), or with --random-weights a warning and the fallback.
+    """
+    if s.bundle is not None:
+        return s
+    from wholebody import bundle_download
+
+    try:
+        weights = bundle_download.choose_weights(
+            s.cache, download=s.download_bundle, random_fallback=s.random_weights, urls=s.bundle_urls,
+            expected_md5=bundle_download.RELEASED_MD5, timeout=s.download_timeout)
+    except bundle_download.BundleDownloadError as exc:
+        raise EntrypointError(f"released bundle not downloaded ({exc}): mount one (--bundle/WHOLEBODY_BUNDLE) or "
+                              "add --random-weights/WHOLEBODY_RANDOM_WEIGHTS=1 for a smoke test") from exc
+    except OSError as exc:
+        raise EntrypointError(f"cannot write the bundle cache {s.cache}: {exc} (fix --cache/WHOLEBODY_BUNDLE_CACHE)")
+    log.info("weights: %s", weights.description)
+    return replace(s, bundle=weights.bundle)
 
 
 def bundle_install_command(s: Settings) -> list[str]:
@@ -257,7 +314,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     env = os.environ if env is None else env
     try:
         args = parser(env).parse_args(argv)
-        s = settings_from(args)
+        s = obtain_bundle(settings_from(args))
         prepare_repository(s.source_repository, s.model_repository)
         log.info("model repository %s prepared from %s", s.model_repository, s.source_repository)
         run_step("bundle install", bundle_install_command(s))

@@ -24,7 +24,7 @@ from wholebody.triton_server import LocalTritonServer
 # top-level modules a NIfTI-only client must not load
 HEAVY = ("torch", "monai", "pydicom", "highdicom", "PIL", "matplotlib", "nrrd", "dicomweb_client")
 # what a wheel of the project is built from (pyproject's packages.find)
-PACKAGES = ("wholebody", "client", "export", "perf", "clinical")
+PACKAGES = ("wholebody", "client", "export", "perf", "clinical", "demo")
 PIP_TIMEOUT_S = 600
 # pip's messages when the package index cannot be reached (then the fresh-install test is skipped)
 UNREACHABLE = re.compile(
