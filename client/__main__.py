@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -31,6 +32,7 @@ from clinical.statistics import structure_labels
 from wholebody.contract import RESOLUTIONS, VARIANTS
 
 log = logging.getLogger("client")
+MAX_JOBS = 64  # requests in flight per server: beyond this only threads and memory grow
 
 EPILOG = f"""\
 examples:
@@ -193,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     for ours in ("client", "clinical") if args.verbose else ():
         logging.getLogger(ours).setLevel(logging.DEBUG)
-    if args.jobs < 1 or args.retries < 0 or (args.timeout is not None and args.timeout <= 0):
-        parser.error("--jobs must be >= 1, --retries >= 0 and --timeout > 0")
+    if not 1 <= args.jobs <= MAX_JOBS or args.retries < 0 or (
+            args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0)):
+        parser.error(f"--jobs must be 1..{MAX_JOBS}, --retries >= 0 and --timeout a number of seconds > 0")
     if args.dicomweb and (args.inputs or not args.study_uid):
         parser.error("--dicomweb takes --study UID and no input paths")
     if not args.dicomweb and (args.study_uid or args.store_seg):
@@ -356,6 +359,7 @@ def _segment(
         label_filter=label_filter,
         command=" ".join(["python -m client", *(args.argv or [])]),
         padding_to_air=args.padding_to_air,
+        recipe=_recipe(args, writers),
     )
     try:
         with logging_redirect_tqdm(), _sigterm_as_interrupt() as signals:
@@ -381,6 +385,15 @@ def _segment(
         file=sys.stdout,
     )
     return 1 if failed else 0
+
+
+def _recipe(args: argparse.Namespace, writers: list[OutputWriter]) -> dict[str, object]:
+    """What besides model, resolution and network changes the outputs' content (CohortOptions.recipe)."""
+    subset = sorted({n.strip() for item in args.roi_subset or [] for n in item.split(",") if n.strip()}) or None
+    recipe: dict[str, object] = {"roi_subset": subset}
+    if any(isinstance(w, DicomSegWriter) for w in writers):
+        recipe["seg_encoding"] = args.seg_encoding or DEFAULT_ENCODING
+    return recipe
 
 
 class _Signals:

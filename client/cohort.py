@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "segmentation_manifest.jsonl"
 LOCK_NAME = ".segmentation.lock"
+MAX_LINE = 400  # characters of a stop's one line
 JOIN_AFTER_STOP_S = 30.0  # how long a stopped run waits for its threads (requests are cancelled first)
 
 
@@ -111,6 +113,9 @@ class CohortOptions:
     label_filter: Callable[[np.ndarray], np.ndarray] | None = None
     command: str = ""  # how the run was started, for the lock (named to a second run refused)
     padding_to_air: bool = False  # set padding voxels (measure_padding) to -1024 HU before sending
+    # every other setting that changes what an output holds (e.g. {"roi_subset": [...], "seg_encoding": ...}):
+    # recorded with each result, and a rerun with another recipe segments again
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,6 +140,9 @@ class Record:
     network: str | None = None  # the variant asked; None: the server's default
     padded_percent: float | None = None  # % of the volume's voxels that are padding (measure_padding), as read
     missing_outputs: list[str] | None = None  # outputs of a "done" scan that could not be made (why: `error`)
+    recipe: dict[str, Any] | None = None  # CohortOptions.recipe plus padding_to_air, as the outputs were made
+    # each output as written: {path relative to the output folder: SHA-256 of its bytes}
+    output_sha256: dict[str, str] | None = None
     label_counts: dict[int, int] | None = field(default=None, repr=False)  # not in the manifest
 
     def to_json(self) -> str:
@@ -229,6 +237,19 @@ class OutputLock:
             self._fd = fd
             return
 
+    def check(self) -> None:
+        """Raise _Stop unless the lock file is still this run's (the output folder was removed, renamed or
+        replaced mid-run: its outputs would go nowhere, and another run could take the folder)."""
+        if self._fd is None:
+            return
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except OSError:
+            same = False
+        if not same:
+            raise _Stop(f"{self.path.parent}: the output folder was removed or replaced during the run; the scans "
+                        "written to it before are gone with it: rerun the command")
+
     def release(self) -> None:
         if self._fd is None:
             return
@@ -266,25 +287,35 @@ class Manifest:
         self._lock = threading.Lock()
 
     def append(self, record: Record) -> None:
-        with self._lock, open(self.path, "a", encoding="utf-8") as stream:
-            stream.write(record.to_json() + "\n")
+        line = record.to_json().encode() + b"\n"
+        with self._lock, open(self.path, "ab+") as stream:
+            if stream.seek(0, os.SEEK_END) > 0:
+                stream.seek(-1, os.SEEK_END)
+                if stream.read(1) != b"\n":  # a line cut by a crash: end it, so this record stays a line of its own
+                    line = b"\n" + line
+            stream.write(line)
             stream.flush()
             os.fsync(stream.fileno())
 
 
-def read_manifest(path: Path, latest_run_only: bool = True) -> list[dict[str, Any]]:
-    """The manifest's records (of its latest run by default), as dicts; lines that are not JSON (a line
-    cut by a crash) are left out with a warning."""
+def read_manifest(path: Path, latest_run_only: bool = True, writing: bool = False) -> list[dict[str, Any]]:
+    """The manifest's records (of its latest run by default), as dicts. Lines that are not records (cut by
+    a crash, edited by hand: not JSON, or fields of the wrong type) are left out with a warning. The
+    bookkeeping records of status "writing" (outputs about to be written) only with `writing`.
+    Raises OSError when the file cannot be read."""
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:
-            log.warning("%s line %d is not a record (cut by a crash?); it is left out", path, number)
+            record = None
+        if not _well_formed(record):
+            log.warning("%s line %d is not a record (cut by a crash, or edited?); it is left out", path, number)
             continue
-        if isinstance(record, dict) and "run" in record:
+        if record["status"] != "writing" or writing:
             records.append(record)
     if latest_run_only and records:
         latest = max(str(r["run"]) for r in records)
@@ -292,18 +323,53 @@ def read_manifest(path: Path, latest_run_only: bool = True) -> list[dict[str, An
     return records
 
 
-def _origins(path: Path) -> dict[str, dict[str, Any]]:
-    """output path -> the latest record of status done or skipped that lists it (what made it)."""
+def _well_formed(record: object) -> bool:
+    """Whether a parsed manifest line has the fields resume relies on, of the right types."""
+    if not isinstance(record, dict) or not isinstance(record.get("run"), str):
+        return False
+    if not isinstance(record.get("status"), str) or not isinstance(record.get("input"), str):
+        return False
+    lists = [record.get("outputs"), record.get("missing_outputs") or []]
+    if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists):
+        return False
+    hashes = record.get("output_sha256") or {}
+    return isinstance(hashes, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items())
+
+
+def output_key(path: Path, output_dir: Path) -> str:
+    """How the manifest names an output: its path relative to the output folder (however -o is spelled)."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))
+
+
+def _origins(output_dir: Path) -> dict[str, dict[str, Any]]:
+    """output key (`output_key`) -> the latest record of status done, skipped or writing that lists it."""
+    path = output_dir / MANIFEST_NAME
     if not path.exists():
         return {}
+    try:
+        records = read_manifest(path, latest_run_only=False, writing=True)
+    except OSError as exc:
+        raise _Stop(f"cannot read the manifest {path}: {exc.strerror or exc}; move it aside to start afresh, "
+                    "or fix it") from None
     origins: dict[str, dict[str, Any]] = {}
-    for record in read_manifest(path, latest_run_only=False):
-        if record.get("status") in ("done", "skipped"):
+    for record in records:
+        if record["status"] in ("done", "skipped", "writing"):
             missing = set(record.get("missing_outputs") or [])
-            for output in record.get("outputs", []):
-                if str(output) not in missing:
-                    origins[str(output)] = record
+            keys = list(record.get("output_sha256") or {}) if record["status"] != "writing" else []
+            if not keys:  # a "writing" record, or one without hashes: its outputs as they were spelled
+                keys = [output_key(Path(o), output_dir) for o in record["outputs"] if o not in missing]
+            for key in keys:
+                origins[key] = record
     return origins
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (an output as written). Raises OSError."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -354,14 +420,23 @@ class _Run:
         self.limits: ServerLimits | None = None
         self.stopped: str | None = None  # set once, by stop(): the run ends
         self.clients: set[Segmenter] = set()  # connections in use, aborted by stop()
+        self.output_lock: OutputLock | None = None  # checked before each scan's outputs are written
 
     @property
     def resolution(self) -> str | None:
         return self.options.resolution or (self.limits.default_resolution if self.limits else None)
 
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The settings besides model, resolution and network that change what the outputs hold."""
+        return {**self.options.recipe, "padding_to_air": self.options.padding_to_air}
+
     # --- stopping -----------------------------------------------------------------------------
     def stop(self, reason: str) -> None:
         """End the run: no new read or request, requests in flight cancelled; the first reason is kept."""
+        reason = " ".join(reason.split())  # one line, whatever a library put in its message
+        if len(reason) > MAX_LINE:
+            reason = reason[: MAX_LINE - 1] + "…"
         with self.lock:
             if self.stopped is not None:
                 return
@@ -393,7 +468,7 @@ class _Run:
     # --- records ------------------------------------------------------------------------------
     def record(self, item: _Item, status: str, **fields: Any) -> None:
         """Append the scan's record to the manifest; raises _Stop if the manifest cannot be written."""
-        made = status in ("done", "skipped")
+        made = status in ("done", "skipped", "writing")
         identity = fields.pop("identity", None) or item.identity
         record = Record(
             run=self.started,
@@ -409,6 +484,7 @@ class _Run:
             model=fields.pop("model", ENSEMBLE if made else None),
             resolution=fields.pop("resolution", self.resolution if made else None),
             network=fields.pop("network", self.options.network if made else None),
+            recipe=fields.pop("recipe", self.recipe if made else None),
             **fields,
         )
         try:
@@ -416,6 +492,8 @@ class _Run:
         except OSError as exc:
             raise _Stop(f"cannot write the manifest {self.manifest.path}: {exc.strerror or exc}; finished scans "
                         "are kept: make room or fix the folder, then rerun the same command to resume") from None
+        if status == "writing":  # bookkeeping: what a crash before the final record leaves to the next run
+            return
         with self.lock:
             self.records.append(record)
             self.lock.notify_all()
@@ -581,6 +659,10 @@ class _Run:
         start = time.perf_counter()
         written: list[Path] = []
         missing = dict(item.refused)  # output index -> one line: why it was not made
+        if self.output_lock is not None:
+            self.output_lock.check()  # the output folder removed or replaced mid-run: stop, write nothing
+        # before any output exists: what it is made from, so a run killed mid-write leaves nothing unexplained
+        self.record(item, "writing")
         try:
             if self.options.label_filter is not None:
                 finished.label_map = self.options.label_filter(finished.label_map)
@@ -616,8 +698,14 @@ class _Run:
             counts = {i: int(c) for i, c in enumerate(values) if c and i}
         item.volume = None  # free it before the next read
         try:
+            hashes = {output_key(path, self.options.output_dir): file_sha256(path) for path in written}
+        except OSError as exc:
+            self.settle_unwritten(item, written)
+            raise _Stop(f"{item.scan.label}: cannot read back its outputs: {exc.strerror or exc}; finished scans "
+                        "are kept: fix the folder, then rerun the same command to resume") from None
+        try:
             self.settle(
-                item, "done", server=finished.server, seconds=round(finished.seconds, 3),
+                item, "done", server=finished.server, seconds=round(finished.seconds, 3), output_sha256=hashes,
                 write_seconds=round(time.perf_counter() - start, 3), label_counts=counts,
                 error=f"{item.scan.label}: " + "; ".join(missing[i] for i in sorted(missing)) if missing else None,
                 missing_outputs=[str(item.outputs[i]) for i in sorted(missing)] or None,
@@ -641,11 +729,13 @@ class _Run:
 
 
 def _resume_decision(
-    item: _Item, origins: dict[str, dict[str, Any]], resolution: str | None, network: str | None
+    item: _Item, origins: dict[str, dict[str, Any]], output_dir: Path, asked: dict[str, Any]
 ) -> tuple[str, str | None]:
-    """("skip" | "segment" | "refuse", a one-line reason) for a scan some of whose outputs exist."""
+    """("skip" | "segment" | "refuse", a one-line reason) for a scan some of whose outputs exist.
+
+    `asked`: what this run would make the outputs with (model, resolution, network, recipe)."""
     existing = [p for p in item.outputs if p.exists()]
-    made = [origins.get(str(p)) for p in existing]
+    made = [origins.get(output_key(p, output_dir)) for p in existing]
     unknown = [p for p, m in zip(existing, made) if m is None]
     if unknown:
         return "refuse", (f"{item.scan.label}: {unknown[0]} exists, but {MANIFEST_NAME} does not say it was made from "
@@ -661,7 +751,12 @@ def _resume_decision(
                                   f"{' (series ' + str(origin['series_uid']) + ')' if origin.get('series_uid') else ''}"
                                   "; --overwrite replaces it, or choose another -o")
             return "segment", f"{item.scan.label} changed since {path} was made from it; segmenting it again"
-        asked = {"model": ENSEMBLE, "resolution": resolution, "network": network}
+        if origin["status"] == "writing":  # a run stopped while writing this scan's outputs: make them anew
+            return "segment", f"{item.scan.label}: {path} may be incomplete (a run stopped while writing it); again"
+        written = (origin.get("output_sha256") or {}).get(output_key(path, output_dir))
+        if written is None or file_sha256(path) != written:
+            return "refuse", (f"{item.scan.label}: {path} is not the file the manifest says was written (changed or "
+                              "replaced since); --overwrite replaces it, or choose another -o")
         differs = [f"{k} {origin.get(k)} -> {v}" for k, v in asked.items() if origin.get(k) != v]
         if differs:
             return "segment", f"{item.scan.label}: {path} was made with another {', '.join(differs)}; segmenting again"
@@ -700,8 +795,8 @@ def run_cohort(
             return SegmentationClient(url, use_shared_memory=options.use_shared_memory, timeout_s=options.timeout_s)
 
     options.output_dir.mkdir(parents=True, exist_ok=True)
-    with OutputLock(options.output_dir, options.command):
-        return _run_locked(plan, urls, options, writers, client_factory, on_record)
+    with OutputLock(options.output_dir, options.command) as lock:
+        return _run_locked(plan, urls, options, writers, client_factory, on_record, lock)
 
 
 def _run_locked(
@@ -711,8 +806,10 @@ def _run_locked(
     writers: Sequence[OutputWriter],
     client_factory: Callable[[str], Segmenter],
     on_record: Callable[[Record], None] | None,
+    lock: OutputLock | None = None,
 ) -> CohortSummary:
     run = _Run(plan, urls, options, writers, client_factory, on_record)
+    run.output_lock = lock
     start = time.perf_counter()
 
     def summary() -> CohortSummary:
@@ -770,7 +867,8 @@ def _run_locked(
 
 def _sort_out(run: _Run, plan: dict[Scan, list[Path]], options: CohortOptions) -> list[_Item]:
     """Record the scans a rerun skips or refuses; the scans to segment, in plan order."""
-    origins = {} if options.overwrite else _origins(options.output_dir / MANIFEST_NAME)
+    origins = {} if options.overwrite else _origins(options.output_dir)
+    asked = {"model": ENSEMBLE, "resolution": run.resolution, "network": options.network, "recipe": run.recipe}
     todo = []
     for scan, outputs in plan.items():
         item = _Item(scan, outputs)
@@ -778,14 +876,17 @@ def _sort_out(run: _Run, plan: dict[Scan, list[Path]], options: CohortOptions) -
             todo.append(item)
             continue
         try:
-            decision, why = _resume_decision(item, origins, run.resolution, options.network)
-        except ScanError as exc:
-            run.record(item, "failed", error=str(exc))
+            decision, why = _resume_decision(item, origins, options.output_dir, asked)
+        except (ScanError, OSError) as exc:
+            run.record(item, "failed", error=f"{item.scan.label}: {' '.join(str(exc).split())}")
             continue
         if decision == "skip":
-            origin = origins[str(outputs[0])]
+            origin = origins[output_key(outputs[0], options.output_dir)]
+            keys = [output_key(p, options.output_dir) for p in outputs]
+            hashes = {k: v for o in {id(origins[k]): origins[k] for k in keys}.values()
+                      for k, v in (o.get("output_sha256") or {}).items() if k in keys}
             run.record(item, "skipped", model=origin.get("model"), resolution=origin.get("resolution"),
-                       network=origin.get("network"))
+                       network=origin.get("network"), recipe=origin.get("recipe"), output_sha256=hashes)
         elif decision == "refuse":
             run.record(item, "failed", error=why)
         else:

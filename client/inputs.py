@@ -44,6 +44,8 @@ UNSUPPORTED_SUFFIXES = {
     ".img": "Analyze",
     ".hdr": "Analyze",
 }
+# NIfTI vox_offset accepted: the header and its extensions (a DICOM header, a JSON sidecar) stay far below
+MAX_VOX_OFFSET = 64 * 2**20
 CONVERT_HINT = "convert it to NIfTI (.nii.gz), e.g. with SimpleITK or dcm2niix"
 DICOM_FILE_HINT = "a DICOM file is one slice: give the folder (or .zip) holding its series"
 DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
@@ -253,6 +255,9 @@ class NiftiFormat:
             header = self._parse_header(head)
             geometry = self._geometry(header)
             offset = int(header.get_data_offset())
+            if offset > MAX_VOX_OFFSET:
+                raise ScanError(f"corrupt header: the image data start {offset:,} bytes in (vox_offset), past any "
+                                f"header and extensions (at most {MAX_VOX_OFFSET:,} accepted); re-export the file")
             if offset > len(head):
                 head += self._read_exactly(stream, offset - len(head))
             dtype = header.get_data_dtype()
@@ -573,8 +578,20 @@ def discover(
     roots: list[Path] = []
     searched: dict[tuple[int, int], Path] = {}  # (device, inode) of every folder searched -> its path
 
-    def is_excluded(path: Path) -> bool:
-        return any(path == e or e in path.parents for e in excluded)
+    excluded += [Path(os.path.realpath(p)) for p in exclude]
+
+    def is_excluded(path: Path) -> bool:  # also through a symbolic link to the output folder
+        return any(p == e or e in p.parents for p in (path, Path(os.path.realpath(path))) for e in excluded)
+
+    def claim_folder(folder: Path, fmt: ScanFormat) -> None:
+        """A folder one format reads whole (a DICOM series): it, and any file in it another format claims
+        (a NIfTI CT beside the DICOM files), which that format would not read."""
+        found.append((folder, fmt))
+        for inner, _, names in os.walk(folder, followlinks=True):
+            for name in sorted(names):
+                other = _claim(Path(inner) / name, [f for f in formats if f is not fmt], folder=False)
+                if other is not None and not name.startswith(".") and not is_excluded(Path(inner) / name):
+                    found.append((Path(inner) / name, other))
 
     def unreadable(error: OSError) -> None:
         problems.append(f"{error.filename}: cannot read this folder ({error.strerror}); its scans are not segmented")
@@ -585,7 +602,7 @@ def discover(
             roots.append(path)
             fmt = _claim(path, formats, folder=True)
             if fmt is not None:
-                found.append((path, fmt))
+                claim_folder(path, fmt)
                 continue
             before = len(found)
             for folder, dirs, files in os.walk(path, onerror=unreadable, followlinks=True):
@@ -598,9 +615,14 @@ def discover(
                     continue
                 key = (status.st_dev, status.st_ino)
                 if key in searched:
-                    loop = searched[key] == here or searched[key] in here.parents
-                    skipped.append(f"{here}: skipped, {'a symbolic link loop back to' if loop else 'the same folder as'} "
-                                   f"{searched[key]}, searched once")
+                    first = searched[key]
+                    if first == here:
+                        why = "searched already (given twice, or inside another input)"
+                    elif first in here.parents:
+                        why = f"a symbolic link loop back to {first}, searched once"
+                    else:
+                        why = f"the same folder as {first}, searched once"
+                    skipped.append(f"{here}: skipped, {why}")
                     dirs[:] = []
                     continue
                 searched[key] = here
@@ -612,7 +634,7 @@ def discover(
                     elif is_excluded(sub):
                         skipped.append(f"{sub}: skipped, the output folder")
                     elif (fmt := _claim(sub, formats, folder=True)) is not None:
-                        found.append((sub, fmt))
+                        claim_folder(sub, fmt)
                     else:
                         keep.append(name)
                 dirs[:] = keep
@@ -630,7 +652,8 @@ def discover(
                         problems.append(problem)
                     else:
                         skipped.append(f"{file}: skipped, not a CT scan (.nii/.nii.gz, a DICOM series or its .zip)")
-            if len(found) == before and not any(p.startswith(str(path)) for p in problems):
+            again = any(line.startswith(f"{path}: skipped, searched already") for line in skipped)
+            if len(found) == before and not again and not any(p.startswith(str(path)) for p in problems):
                 problems.append(f"{given}: folder has no CT scans (.nii or .nii.gz files, any letter case, "
                                 "or DICOM CT series)")
         elif path.is_file():

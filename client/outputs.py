@@ -308,10 +308,17 @@ def plan_outputs(
     would replace an input (compared without letter case: file systems may ignore it), or an output
     cannot be written (`path_problem`: name or path too long, a folder on the way that is a file or
     not writable), before any request; the message names the first and how many there are."""
+    if any(sep in suffix for sep in ("/", os.sep, "\0")):
+        raise OutputError(f"--suffix {suffix!r} must be a plain name part (no '/'), e.g. _seg")
     plan: dict[Scan, list[Path]] = {}
     owner: dict[str, Scan] = {}
     inputs = {os.path.normcase(os.path.abspath(s.source)).lower(): s for s in scans}
+    out = Path(os.path.realpath(output_dir))
     for scan in scans:
+        folder = Path(os.path.realpath(scan.source))
+        if folder.is_dir() and (out == folder or folder in out.parents):
+            raise OutputError(f"-o {output_dir} is inside the DICOM folder {scan.source}, whose files are all read as "
+                              "its series (outputs included); choose an -o outside it")
         paths = output_paths(scan, output_dir, writers, suffix)
         for path in paths:
             key = os.path.abspath(path).lower()

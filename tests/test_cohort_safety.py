@@ -346,3 +346,122 @@ def test_identity_covers_a_dicom_folder_and_names_an_unreadable_file(tmp_path: P
     shutil.rmtree(folder / "sub")
     with pytest.raises(ScanError, match="no-such.nii: cannot read it"):
         source_identity(tmp_path / "no-such.nii")
+
+
+# --- found by trying to break it ------------------------------------------------------------------
+def test_another_structure_subset_or_padding_choice_is_segmented_again(tmp_path: Path) -> None:
+    a, out = make_cohort(tmp_path / "a", seed=1), tmp_path / "out"
+    run([a], out, recipe={"roi_subset": ["liver"]})
+    assert run([a], out).count("done") == 3  # the full map is not the subset's
+    assert run([a], out).count("skipped") == 3
+    assert run([a], out, padding_to_air=True).count("done") == 3
+    assert {r["recipe"]["padding_to_air"] for r in read_manifest(out / MANIFEST_NAME)} == {True}
+
+
+def test_an_output_changed_or_replaced_since_it_was_written_is_refused(tmp_path: Path) -> None:
+    a, out = make_cohort(tmp_path / "a", seed=1), tmp_path / "out"
+    run([a], out)
+    shutil.copy(out / "s0002" / "ct_seg.nii.gz", out / "s0001" / "ct_seg.nii.gz")  # another patient's labels
+    (out / "s0003" / "ct_seg.nii.gz").write_bytes(b"")
+    rerun = run([a], out)
+    refused = sorted(str(r.error) for r in rerun.records if r.status == "failed")
+    assert len(refused) == 2 and all("is not the file the manifest says was written" in e for e in refused)
+    assert rerun.count("skipped") == 1
+
+
+def test_resume_does_not_depend_on_how_the_output_folder_is_spelled(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    a = make_cohort(tmp_path / "a", seed=1)
+    monkeypatch.chdir(tmp_path)
+    run([a], Path("out"))
+    assert run([a], tmp_path / "out").count("skipped") == 3
+    (tmp_path / "out").rename(tmp_path / "moved")
+    assert run([a], Path("moved")).count("skipped") == 3
+
+
+def test_a_run_stopped_while_writing_leaves_that_scan_to_segment_again(tmp_path: Path) -> None:
+    a, out = make_cohort(tmp_path / "a", seed=1), tmp_path / "out"
+    run([a], out)
+    manifest = out / MANIFEST_NAME
+    lines = manifest.read_text().splitlines()
+    done = next(i for i, line in enumerate(lines) if '"status": "done"' in line and "s0001" in line)
+    manifest.write_text("\n".join(lines[:done] + lines[done + 1:]) + "\n")  # killed between rename and record
+    fake = Fake()
+    rerun = run([a], out, fake)
+    assert fake.calls == 1 and rerun.count("done") == 1 and rerun.count("skipped") == 2
+
+
+def test_a_line_cut_by_a_crash_does_not_swallow_the_next_record(tmp_path: Path) -> None:
+    a, out = make_cohort(tmp_path / "a", seed=1), tmp_path / "out"
+    run([a], out)
+    manifest = out / MANIFEST_NAME
+    manifest.write_bytes(manifest.read_bytes()[:-30])
+    rerun = run([a], out)
+    assert len(read_manifest(manifest)) == 3 and len(rerun.records) == 3
+
+
+def test_hand_edited_manifest_lines_are_left_out_in_one_warning_each(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    a, out = make_cohort(tmp_path / "a", seed=1), tmp_path / "out"
+    run([a], out)
+    with open(out / MANIFEST_NAME, "ab") as stream:
+        stream.write(b'{"run": "z", "status": "done", "input": "x", "outputs": null}\n')
+        stream.write(b'{"run": "z", "status": "done", "input": "x", "outputs": [], "missing_outputs": 5}\n')
+        stream.write(b'\xff\xfe not utf-8\n')
+    with caplog.at_level("WARNING"):
+        assert run([a], out).count("skipped") == 3
+    assert sum("is not a record" in r.getMessage() for r in caplog.records) >= 3
+
+
+def test_the_output_folder_removed_mid_run_stops_the_run(tmp_path: Path) -> None:
+    a, out = make_cohort(tmp_path / "a", seed=1), tmp_path / "out"
+    plan = plan_outputs(discover([a]).scans, out, WRITERS, "_seg")
+
+    def remove_after_first(record: object) -> None:
+        shutil.rmtree(out, ignore_errors=True)
+
+    summary = bounded(lambda: run_cohort(plan, ["a:1"], CohortOptions(output_dir=out), WRITERS, Fake().factory,
+                                         remove_after_first))
+    assert summary.stopped is not None and "the output folder was removed or replaced" in summary.stopped
+
+
+def test_a_header_whose_data_start_far_past_it_is_refused_without_reading(tmp_path: Path) -> None:
+    image = synthetic_ct((8, 8, 8), (3.0, 3.0, 3.0), seed=1)
+    image.header.set_data_offset(1_200_000_000)
+    path = tmp_path / "offset.nii"
+    path.write_bytes(image.header.binaryblock + b"\0" * 4 + np.asarray(image.dataobj).tobytes(order="F"))
+    with pytest.raises(ScanError, match="corrupt header: the image data start 1,200,000,000 bytes in"):
+        NiftiFormat().read_volume(path)
+
+
+def test_a_link_to_the_output_folder_among_the_inputs_is_not_read(tmp_path: Path) -> None:
+    root, out = tmp_path / "tree", tmp_path / "tree" / "labels"
+    small_ct(root / "s0001" / "ct.nii.gz")
+    small_ct(out / "s0001" / "ct_seg.nii.gz")
+    (root / "link").symlink_to(out, target_is_directory=True)
+    found = discover([root], exclude=[out])
+    assert [str(s.relative) for s in found.scans] == ["s0001/ct"]
+    assert any("link: skipped, the output folder" in line for line in found.skipped)
+
+
+def test_a_nifti_beside_a_dicom_series_is_a_scan_too(tmp_path: Path) -> None:
+    from clinical.dicom_series import write_ct_series
+
+    image = synthetic_ct((12, 10, 4), (3.0, 3.0, 3.0), seed=1)
+    write_ct_series(np.asanyarray(image.dataobj), image.affine, tmp_path / "mix", series_uid="1.2.3")
+    small_ct(tmp_path / "mix" / "sub" / "extra.nii.gz")
+    found = discover([tmp_path / "mix"])
+    assert sorted(str(s.relative) for s in found.scans) == ["mix/series1", "sub/extra"]
+
+
+def test_outputs_never_leave_the_output_folder_nor_land_inside_a_dicom_series(tmp_path: Path) -> None:
+    from client.outputs import OutputError
+    from clinical.dicom_series import write_ct_series
+
+    a = make_cohort(tmp_path / "a", seed=1)
+    with pytest.raises(OutputError, match="--suffix .* must be a plain name part"):
+        plan_outputs(discover([a]).scans, tmp_path / "out", WRITERS, "/../../escaped")
+    image = synthetic_ct((12, 10, 4), (3.0, 3.0, 3.0), seed=1)
+    write_ct_series(np.asanyarray(image.dataobj), image.affine, tmp_path / "dcm", series_uid="1.2.3")
+    with pytest.raises(OutputError, match="is inside the DICOM folder"):
+        plan_outputs(discover([tmp_path / "dcm"]).scans, tmp_path / "dcm" / "labels", WRITERS, "_seg")
