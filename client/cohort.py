@@ -355,8 +355,8 @@ def _origins(output_dir: Path) -> dict[str, dict[str, Any]]:
     for record in records:
         if record["status"] in ("done", "skipped", "writing"):
             missing = set(record.get("missing_outputs") or [])
-            keys = list(record.get("output_sha256") or {}) if record["status"] != "writing" else []
-            if not keys:  # a "writing" record, or one without hashes: its outputs as they were spelled
+            keys = list(record.get("output_sha256") or {})
+            if not keys:  # a record without keys (older): its outputs as they were spelled
                 keys = [output_key(Path(o), output_dir) for o in record["outputs"] if o not in missing]
             for key in keys:
                 origins[key] = record
@@ -536,8 +536,13 @@ class _Run:
                 header: Header = item.scan.read_header()
                 if self.limits is not None:
                     self.limits.check(header, self.options.resolution)
-                item.identity = item.identity or source_identity(item.scan.source)
+                before = item.identity or source_identity(item.scan.source)
                 item.volume = item.scan.read_volume()
+                # hashed around the read: the record must name the bytes that were segmented
+                item.identity = source_identity(item.scan.source)
+                if item.identity != before:
+                    raise ScanError(f"{item.scan.label}: changed while this run read it (or since it was checked); "
+                                    "not segmented: rerun once it is complete")
                 padded = measure_padding(item.volume, to_air=self.options.padding_to_air)
                 item.padded_percent = round(100.0 * padded / max(item.volume.array.size, 1), 2)
                 item.refused = self.refusals(item)
@@ -662,7 +667,7 @@ class _Run:
         if self.output_lock is not None:
             self.output_lock.check()  # the output folder removed or replaced mid-run: stop, write nothing
         # before any output exists: what it is made from, so a run killed mid-write leaves nothing unexplained
-        self.record(item, "writing")
+        self.record(item, "writing", output_sha256={output_key(p, self.options.output_dir): "" for p in item.outputs})
         try:
             if self.options.label_filter is not None:
                 finished.label_map = self.options.label_filter(finished.label_map)
@@ -869,6 +874,8 @@ def _sort_out(run: _Run, plan: dict[Scan, list[Path]], options: CohortOptions) -
     """Record the scans a rerun skips or refuses; the scans to segment, in plan order."""
     origins = {} if options.overwrite else _origins(options.output_dir)
     asked = {"model": ENSEMBLE, "resolution": run.resolution, "network": options.network, "recipe": run.recipe}
+    if run.resolution is None:  # no server answered and none was asked: unknown, so not a reason to segment again
+        del asked["resolution"]
     todo = []
     for scan, outputs in plan.items():
         item = _Item(scan, outputs)

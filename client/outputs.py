@@ -321,7 +321,8 @@ def plan_outputs(
                               "its series (outputs included); choose an -o outside it")
         paths = output_paths(scan, output_dir, writers, suffix)
         for path in paths:
-            key = os.path.abspath(path).lower()
+            # through links: a folder of -o linked to another must not let two scans share one file
+            key = os.path.join(os.path.realpath(path.parent), path.name).lower()
             if key in owner:
                 raise OutputError(
                     f"{owner[key].source} and {scan.source} would both be written to {path}; "

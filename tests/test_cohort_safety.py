@@ -465,3 +465,61 @@ def test_outputs_never_leave_the_output_folder_nor_land_inside_a_dicom_series(tm
     write_ct_series(np.asanyarray(image.dataobj), image.affine, tmp_path / "dcm", series_uid="1.2.3")
     with pytest.raises(OutputError, match="is inside the DICOM folder"):
         plan_outputs(discover([tmp_path / "dcm"]).scans, tmp_path / "dcm" / "labels", WRITERS, "_seg")
+
+
+def test_a_linked_folder_in_the_output_cannot_make_two_scans_share_a_file(tmp_path: Path) -> None:
+    from client.outputs import OutputError
+
+    a, out = make_cohort(tmp_path / "a", seed=1), tmp_path / "out"
+    (out / "s0001").mkdir(parents=True)
+    (out / "s0002").symlink_to("s0001", target_is_directory=True)
+    with pytest.raises(OutputError, match="would both be written to"):
+        plan_outputs(discover([a]).scans, out, WRITERS, "_seg")
+
+
+def test_an_input_changed_while_the_run_reads_it_is_not_recorded_as_the_old_bytes(tmp_path: Path) -> None:
+    a, out = make_cohort(tmp_path / "a", seed=1), tmp_path / "out"
+    run([a], out, resolution="lowres")
+    plan = plan_outputs(discover([a]).scans, out, WRITERS, "_seg")
+    original = NiftiFormat.read_volume
+
+    def swapped_meanwhile(self: NiftiFormat, path: Path, part: str | None = None):  # noqa: ANN202
+        volume = original(self, path, part)
+        if "s0003" in str(path):
+            small_ct(path, seed=77)  # replaced between the check and the end of the read
+        return volume
+
+    NiftiFormat.read_volume = swapped_meanwhile  # type: ignore[method-assign]
+    try:
+        summary = run_cohort(plan, ["a:1"], CohortOptions(output_dir=out, resolution="highres"), WRITERS,
+                             Fake().factory)
+    finally:
+        NiftiFormat.read_volume = original  # type: ignore[method-assign]
+    failed = [r for r in summary.records if r.status == "failed"]
+    assert len(failed) == 1 and "changed while this run read it" in str(failed[0].error)
+
+
+def test_a_finished_cohort_with_its_server_down_is_skipped_not_failed(tmp_path: Path) -> None:
+    a, out = make_cohort(tmp_path / "a", seed=1), tmp_path / "out"
+    run([a], out, Fake(default_resolution="highres"))
+
+    class Down(Fake):
+        def check_ready(self) -> None:
+            raise SegmentationError("no Triton server answers at a:1", retryable=True)
+
+    assert run([a], out, Down()).count("skipped") == 3
+
+
+def test_a_run_killed_mid_write_from_another_working_folder_is_segmented_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = make_cohort(tmp_path / "a", seed=1)
+    monkeypatch.chdir(tmp_path)
+    run([a], Path("out"))
+    manifest = tmp_path / "out" / MANIFEST_NAME
+    lines = manifest.read_text().splitlines()
+    done = next(i for i, line in enumerate(lines) if '"status": "done"' in line and "s0002" in line)
+    manifest.write_text("\n".join(lines[:done] + lines[done + 1:]) + "\n")
+    monkeypatch.chdir(a)
+    fake = Fake()
+    assert run([a], tmp_path / "out", fake).count("done") == 1 and fake.calls == 1
