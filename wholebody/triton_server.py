@@ -886,7 +886,8 @@ class LocalTritonServer:
           holds its ensemble and runs to its end through the stages, which stay loaded;
         - the ensembles' states are polled until none is UNLOADING (the last scan has answered).
 
-        Direct requests to a stage are not tracked: Triton's --exit-timeout-secs covers them.
+        The watchdog stops once readiness is false. Direct requests to a stage are not tracked: Triton's
+        --exit-timeout-secs covers them.
         Returns whether everything in flight finished within `timeout_s`.
         """
         import tritonclient.grpc as grpcclient
@@ -904,6 +905,9 @@ class LocalTritonServer:
                 log.debug("drain: %s failed to load, as intended: %s", DRAIN_SENTINEL, exc.message())
             if client.is_server_ready():
                 log.warning("drain: the server still reports ready (not started with strict readiness?)")
+            if self._watchdog is not None:  # its reloads must not race the unloads
+                self._watchdog.stop()
+                self._watchdog = None
             ensembles = []
             for model in client.get_model_repository_index(headers=headers, as_json=True).get("models", []):
                 if model.get("state") != "READY":
