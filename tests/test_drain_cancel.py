@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.test_hardening import _alive, _children, _strings, _tensor, ensemble_inputs
-from wholebody.contract import ENSEMBLE, LABEL_MAP, NORMALIZED_IMAGE, SLIDING_WINDOW
+from wholebody.contract import ENSEMBLE, LABEL_MAP, NORMALIZED_IMAGE, PREPROCESS, SLIDING_WINDOW
 from wholebody.triton_server import LocalTritonServer, _free_port, cpu_seconds, process_group
 
 
@@ -129,3 +129,28 @@ def test_a_cancelled_request_stops_the_sliding_window_within_one_batch(server: L
     small = np.full((20, 18, 16), -1000.0, np.float32)
     labels = client.infer(ENSEMBLE, ensemble_inputs(grpcclient, small, resolution="lowres")).as_numpy(LABEL_MAP)
     assert labels.shape == small.shape
+
+
+def _successes(client: grpcclient.InferenceServerClient, model: str) -> int:
+    """How many requests `model` has answered successfully (the server's own statistics)."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0))
+
+
+def test_a_scan_cancelled_in_its_sliding_window_skips_postprocess(server: LocalTritonServer) -> None:
+    """Triton 2.51's ensemble checks a cancelled scan between steps: the step in flight is not told (its
+    `is_cancelled()` stays False, core PR #263, server issue #6739), the next step's request arrives
+    cancelled and is answered without computing."""
+    scan = np.full((120, 120, 120), -1000.0, np.float32)  # 8 windows at 3 mm
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    offset = len(Path(str(server.log_path)).read_text(errors="replace"))
+    preprocessed = _successes(client, PREPROCESS)
+    context = client.async_infer(ENSEMBLE, ensemble_inputs(grpcclient, scan, resolution="lowres"),
+                                 callback=lambda result, error: None)
+    deadline = time.monotonic() + 120
+    while _successes(client, PREPROCESS) == preprocessed:  # then the scan is in its sliding window
+        assert time.monotonic() < deadline, "preprocess did not finish"
+        time.sleep(0.1)
+    context.cancel()
+    line = _log_line(server, "postprocess_0_0 INFO: request cancelled before it started", offset, timeout_s=240)
+    assert line is not None, "postprocess computed a cancelled scan"
