@@ -295,8 +295,10 @@ class SegmentationClient:
           client, after its `segment()` has raised.
 
         The cancelled error is not retryable (a retry loop must not send the scan again); `aborted`
-        tells it from a failure. Triton 2.51 computes a cancelled request to its end, and regions it
-        still uses stay registered: once this process has exited, the launcher's watchdog
+        tells it from a failure. The server stops a cancelled scan at its next ensemble step (Triton
+        2.51's ensemble does not pass the cancel to the step in flight; a request sent to the
+        sliding-window stage itself stops within one batch of windows), and regions it still uses
+        stay registered: once this process has exited, the launcher's watchdog
         (`python -m wholebody.triton_server serve`) unregisters them within 2 s of the end of that
         request. A KeyboardInterrupt raised inside `segment()` (SIGINT in the main thread) is not an
         abort: the call is cancelled, the regions are unlinked and unregistration tried once, the

@@ -78,6 +78,7 @@ class Settings:
     cache: Path = DEFAULT_CACHE
     bundle_urls: list[str] | None = None
     download_timeout: float = 20.0
+    drain_seconds: float | None = None  # None: the launcher's default
 
 
 def _env_bool(value: str, name: str = "WHOLEBODY_BUILD_TENSORRT") -> bool:
@@ -86,6 +87,16 @@ def _env_bool(value: str, name: str = "WHOLEBODY_BUILD_TENSORRT") -> bool:
     if value.strip().lower() in ("", "0", "false", "no", "off"):
         return False
     raise EntrypointError(f"{name}={value!r}: use 1/true/yes or 0/false/no")
+
+
+def optional_float(value: str) -> float | None:
+    """An environment variable's number, None when unset or empty."""
+    if not value.strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise EntrypointError(f"{value!r} is not a number of seconds") from None
 
 
 def default_source_repository() -> Path:
@@ -163,6 +174,10 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    "[WHOLEBODY_BUILD_TENSORRT=1]")
     p.add_argument("--export-args", default=get("WHOLEBODY_EXPORT_ARGS", ""),
                    help="more flags for python -m export, e.g. '--precision fp16' [WHOLEBODY_EXPORT_ARGS]")
+    p.add_argument("--drain-seconds", type=float, default=optional_float(get("WHOLEBODY_DRAIN_SECONDS", "")),
+                   help="on SIGTERM, how long scans in flight may take to finish while the server reports not "
+                   "ready (the launcher's --drain-seconds; keep terminationGracePeriodSeconds above it) "
+                   "[WHOLEBODY_DRAIN_SECONDS]")
     p.add_argument("--launcher-args", default=get("WHOLEBODY_LAUNCHER_ARGS", ""),
                    help="more flags for the launcher, appended last [WHOLEBODY_LAUNCHER_ARGS]")
     p.add_argument("--prepare-only", action="store_true",
@@ -214,6 +229,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         cache=args.cache,
         bundle_urls=args.bundle_url,
         download_timeout=args.download_timeout,
+        drain_seconds=args.drain_seconds,
     )
 
 
@@ -268,6 +284,8 @@ def launcher_command(s: Settings) -> list[str]:
         cmd += ["--backend-directory", str(s.backend_directory)]
     if s.operator_key_file is not None:
         cmd += ["--operator-key-file", str(s.operator_key_file)]
+    if s.drain_seconds is not None:
+        cmd += ["--drain-seconds", f"{s.drain_seconds:g}"]
     return cmd + s.launcher_args
 
 

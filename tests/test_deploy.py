@@ -219,6 +219,24 @@ def test_probes(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_grace_period_covers_the_drain(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    """SIGTERM -> preStop sleep, the launcher's drain (readiness false, scans in flight finish), Triton's
+    exit timeout, the stubs' stop: all within terminationGracePeriodSeconds, and liveness cannot kill
+    the pod during the drain (its tiny CT is refused once the ensembles are unloaded)."""
+    objects = rendered[overlay]
+    c = container(objects)
+    drain = float(flag(c["args"], "--drain-seconds"))
+    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    grace = one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    exit_timeout = 10  # tritonserver_args' --exit-timeout-secs
+    assert grace >= float(pre_stop[1]) + drain + exit_timeout + LocalTritonServer.stop_grace_s
+    liveness = c["livenessProbe"]
+    assert liveness["periodSeconds"] * (liveness["failureThreshold"] - 1) > drain + exit_timeout
+    assert entrypoint_module().parser({}).parse_args(["--drain-seconds", str(drain)]).drain_seconds == drain
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_shared_memory_and_resources(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     objects = rendered[overlay]
     c = container(objects)
@@ -450,20 +468,22 @@ def test_entrypoint_builds_the_launcher_command() -> None:
     entrypoint = entrypoint_module()
     args = entrypoint.parser({"WHOLEBODY_CONFIG_NAME": "cpu", "WHOLEBODY_LAUNCHER_ARGS": "--extra 1"}).parse_args(
         ["--bundle", "/b", "--address", "0.0.0.0", "--operator-key-file", "/k",
-         "--tritonserver", "/opt/tritonserver/bin/tritonserver", "--backend-directory", "/opt/tritonserver/backends"]
+         "--tritonserver", "/opt/tritonserver/bin/tritonserver", "--backend-directory", "/opt/tritonserver/backends",
+         "--drain-seconds", "90"]
     )
     settings = entrypoint.Settings(
         bundle=args.bundle, model_repository=Path("/repo"), source_repository=Path("/src"),
         config_name=args.config_name, address=args.address, grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port, log=args.log, operator_key_file=args.operator_key_file,
         tritonserver=args.tritonserver, backend_directory=args.backend_directory, build_tensorrt=False,
-        launcher_args=shlex.split(args.launcher_args), python="python3",
+        launcher_args=shlex.split(args.launcher_args), python="python3", drain_seconds=args.drain_seconds,
     )
     assert entrypoint.launcher_command(settings) == [
         "python3", "-m", "wholebody.triton_server", "serve", "--model-repository", "/repo", "--config-name", "cpu",
         "--address", "0.0.0.0", "--grpc-port", "8001", "--http-port", "8000", "--metrics-port", "8002",
         "--log", "-", "--tritonserver", "/opt/tritonserver/bin/tritonserver",
-        "--backend-directory", "/opt/tritonserver/backends", "--operator-key-file", "/k", "--extra", "1",
+        "--backend-directory", "/opt/tritonserver/backends", "--operator-key-file", "/k", "--drain-seconds", "90",
+        "--extra", "1",
     ]
     assert entrypoint.bundle_install_command(settings) == [
         "python3", "-m", "wholebody.bundle", "install", "--bundle", "/b", "--model-repository", "/repo"]

@@ -16,6 +16,7 @@ from wholebody.memory import enable_huge_pages
 from wholebody.postprocessing import invert_to_input_grid
 from wholebody.preprocessing import InvalidVolumeError, check_volume, estimated_resampled_voxels, preprocess
 from wholebody.sliding_window import sliding_window_label_map
+from wholebody.validation import RequestCancelled
 
 ROI = (96, 96, 96)
 
@@ -57,6 +58,32 @@ def test_sliding_window_labels_equal_monai_argmax(shape: tuple[int, int, int], s
 def test_sliding_window_rejects_a_predictor_of_the_wrong_shape() -> None:
     with pytest.raises(ValueError, match="predictor returned"):
         sliding_window_label_map(torch.zeros(96, 96, 96), lambda w: torch.zeros(1, 3, 10, 10, 10), ROI)
+
+
+@pytest.mark.parametrize("sw_batch_size", [1, 2])
+def test_sliding_window_stops_within_one_batch_when_asked(sw_batch_size: int) -> None:
+    """A cancelled request stops before its next batch of windows: the predictor runs no more batches."""
+    network = TinyNetwork().eval()
+    batches: list[int] = []
+    cancelled_after = 2  # the request is cancelled while its 2nd batch computes
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        batches.append(windows.shape[0])
+        return network(windows)
+
+    expected = rf"cancelled after {2 * sw_batch_size}/8 windows"
+    with torch.inference_mode(), pytest.raises(RequestCancelled, match=expected):
+        sliding_window_label_map(
+            torch.randn(120, 120, 120), predictor, ROI, sw_batch_size=sw_batch_size,
+            should_stop=lambda: len(batches) >= cancelled_after,
+        )
+    assert len(batches) == cancelled_after
+    # never asked to stop: the same as without the hook
+    with torch.inference_mode():
+        image = torch.randn(100, 100, 100)
+        plain = sliding_window_label_map(image, network, ROI)
+        hooked = sliding_window_label_map(image, network, ROI, should_stop=lambda: False)
+    assert torch.equal(plain, hooked)
 
 
 def monai_inverse(labels: torch.Tensor, image: torch.Tensor, affine: np.ndarray, pixdim: float) -> np.ndarray:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
 from monai.inferers.utils import _get_scan_interval
 
+from wholebody.validation import RequestCancelled
+
 
 # The `blend_dtype` config parameter's values.
 BLEND_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -42,6 +44,7 @@ def sliding_window_label_map(
     padding_mode: str = "replicate",
     progress: Callable[[int, int], None] | None = None,
     blend_dtype: torch.dtype = torch.float32,
+    should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Label map of a [X, Y, Z] volume: argmax over the blended logits of overlapping windows.
 
@@ -54,9 +57,14 @@ def sliding_window_label_map(
         blend_dtype: dtype of the ring of blended logits. float32 is the bundle's; float16 halves
             the ring (105 x 96 x 287 x 287: 3.3 -> 1.7 GB at 1.5 mm) and the traffic of blending
             fp16 logits, at the cost of near-tied voxels flipping (measured in the README).
+        should_stop: asked before each batch of windows (in Triton: the request's `is_cancelled`);
+            True stops the work there: at most one batch is computed after the request is cancelled.
 
     Returns:
         uint8 [X, Y, Z] labels on `image`'s device.
+
+    Raises:
+        RequestCancelled: `should_stop()` answered True (the message says after how many windows).
     """
     if blend_dtype not in BLEND_DTYPES.values():
         raise ValueError(f"blend_dtype must be one of {list(BLEND_DTYPES.values())}, got {blend_dtype}")
@@ -132,6 +140,8 @@ def sliding_window_label_map(
 
     total = len(windows)
     for first in range(0, total, sw_batch_size):
+        if should_stop is not None and should_stop():
+            raise RequestCancelled(f"cancelled after {first}/{total} windows")
         batch = windows[first : first + sw_batch_size]
         # One batch's logits at a time: they are released here, before the next call, so that a
         # predictor backed by a server never holds two batches (371 MB each per 96^3 window).

@@ -25,7 +25,7 @@ from torch.utils.dlpack import to_dlpack
 from wholebody.contract import IN_CHANNELS, LOGITS, RESOLUTIONS, ROI_SIZE, WINDOW, network_model_name
 from wholebody.memory import enable_huge_pages
 from wholebody.torch_network import NetworkCache, NetworkSettings, TorchNetwork, placement_parameters
-from wholebody.validation import ConfigError, InvalidRequestError, SizeLimits, read_size_limits
+from wholebody.validation import ConfigError, InvalidRequestError, RequestCancelled, SizeLimits, read_size_limits
 
 
 def model_logger(args: dict[str, str]) -> logging.Logger:
@@ -127,6 +127,11 @@ def internal_error(message: str) -> Any:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
 
 
+def cancelled_error(message: str) -> Any:
+    """An error response for a request whose client has gone: gRPC CANCELLED."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.CANCELLED))
+
+
 def respond_each(
     requests: Sequence[Any],
     handle: Callable[[Any], list[Any]],
@@ -136,12 +141,19 @@ def respond_each(
     """One response per request: `handle(request)`'s output tensors, or that request's error.
 
     Errors of the `expected_errors` types are the caller's fault and go back as they are, as
-    INVALID_ARGUMENT; anything else is logged with its traceback and reported as INTERNAL.
+    INVALID_ARGUMENT; anything else is logged with its traceback and reported as INTERNAL. A request
+    already cancelled is not handled, and one cancelled while handled (`RequestCancelled`, raised by a
+    loop asking `request.is_cancelled()`) answers CANCELLED; both are logged.
     """
     responses = []
     for request in requests:
         try:
+            if request.is_cancelled():
+                raise RequestCancelled("cancelled before it started")
             responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
+        except RequestCancelled as exc:
+            logger.info("request %s", exc)
+            responses.append(cancelled_error(f"request {exc}"))
         except expected_errors as exc:
             logger.info("rejected a request: %s", exc)
             responses.append(invalid_argument(str(exc)))

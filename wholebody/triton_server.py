@@ -12,7 +12,8 @@ Every server the project starts is locked the same way (`tritonserver_args`): bo
 told otherwise, explicit model control (only the models of one config are loaded, and the watchdog can
 reload one), with loading, unloading and uploading models, tracing and log settings keyed behind an
 operator key sent as a header (`operator_headers`); shared memory is keyed too when the server listens
-beyond loopback. The launcher owns its processes: SIGTERM or SIGINT stops the server and every Python
+beyond loopback. The launcher owns its processes: SIGTERM or SIGINT drains the server (`LocalTritonServer.drain`:
+not ready, no new scans, those in flight finish within `--drain-seconds`), then stops it and every Python
 backend stub (TERM, then KILL after a grace period) and removes the stubs' /dev/shm regions.
 """
 
@@ -519,6 +520,10 @@ class ClientRegionReclaimer:
         return True
 
 
+# A model whose load fails by design: loaded while draining, it turns strict readiness false.
+DRAIN_SENTINEL = "wholebody_draining"
+DEFAULT_DRAIN_S = 90.0  # `serve --drain-seconds`; the Kubernetes grace period is sized on it
+
 RELOAD_PARAMETER = "wholebody_reload"  # a config override that changes nothing but makes Triton reload
 
 
@@ -866,6 +871,64 @@ class LocalTritonServer:
             time.sleep(0.05)
         self.remove_shared_memory()
 
+    def drain(self, timeout_s: float) -> bool:
+        """Turn the server not ready and let the scans in flight finish, for at most `timeout_s`.
+
+        Triton's own SIGTERM path cannot drain an ensemble: it stops every model's scheduler, and the
+        next step of a scan in flight (preprocess -> sliding_window -> postprocess) is then refused
+        ("Server is stopping, scheduler for model has stopped accepting new inference requests").
+        So, with the operator key, before any signal:
+
+        - a model that cannot load (`DRAIN_SENTINEL`, an unknown backend) is loaded: with strict
+          readiness a model that failed to load makes `/v2/health/ready` answer 503 (Kubernetes takes
+          the pod out of its endpoints); an unloaded model would not;
+        - every READY ensemble is unloaded: new scans are refused (NOT_FOUND), while a scan in flight
+          holds its ensemble and runs to its end through the stages, which stay loaded;
+        - the ensembles' states are polled until none is UNLOADING (the last scan has answered).
+
+        The watchdog stops once readiness is false. Direct requests to a stage are not tracked: Triton's
+        --exit-timeout-secs covers them.
+        Returns whether everything in flight finished within `timeout_s`.
+        """
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        if self.process is None or self.process.poll() is not None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        headers = operator_headers(self.operator_key)
+        with grpcclient.InferenceServerClient(self.grpc_url) as client:
+            try:
+                client.load_model(DRAIN_SENTINEL, config=json.dumps({"backend": DRAIN_SENTINEL}), headers=headers,
+                                  files={"file:1/draining": b""})
+            except InferenceServerException as exc:  # fails by design: the failure turns readiness false
+                log.debug("drain: %s failed to load, as intended: %s", DRAIN_SENTINEL, exc.message())
+            if client.is_server_ready():
+                log.warning("drain: the server still reports ready (not started with strict readiness?)")
+            if self._watchdog is not None:  # its reloads must not race the unloads
+                self._watchdog.stop()
+                self._watchdog = None
+            ensembles = []
+            for model in client.get_model_repository_index(headers=headers, as_json=True).get("models", []):
+                if model.get("state") != "READY":
+                    continue
+                if client.get_model_config(model["name"], as_json=True)["config"].get("platform") == "ensemble":
+                    ensembles.append(model["name"])
+            for name in ensembles:
+                client.unload_model(name, headers=headers)
+            log.info("drain: not ready; %s take no new requests; waiting up to %.0f s for those in flight",
+                     ", ".join(ensembles) or "no ensemble", timeout_s)
+            while True:
+                index = client.get_model_repository_index(headers=headers, as_json=True).get("models", [])
+                busy = [m["name"] for m in index if m["name"] in ensembles and m.get("state") == "UNLOADING"]
+                if not busy:
+                    log.info("drain: nothing in flight after %.1f s", timeout_s - (deadline - time.monotonic()))
+                    return True
+                if time.monotonic() >= deadline:
+                    log.warning("drain: %s still busy after %.0f s; stopping anyway", ", ".join(busy), timeout_s)
+                    return False
+                time.sleep(0.25)
+
     def wait_lean(self, timeout_s: float = 120) -> bool:
         """Wait until no stage's stub holds a pool above `max_idle_pool_bytes` (the watchdog reloads
         those when the server is idle) and the stubs replaced by reloads have exited (one instance per
@@ -927,6 +990,19 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+def _drain(server: LocalTritonServer, seconds: float) -> None:
+    """`server.drain(seconds)`; a server that cannot be drained (it died, or refuses) is stopped anyway."""
+    from tritonclient.utils import InferenceServerException
+
+    started = time.monotonic()
+    try:
+        finished = server.drain(seconds)
+    except InferenceServerException as exc:
+        log.warning("drain: %s; stopping without it", exc.message())
+        return
+    log.info("drain: %s in %.1f s", "done" if finished else "timed out", time.monotonic() - started)
+
+
 def serve(args: argparse.Namespace) -> int:
     # A background job starts with SIGINT ignored, and SIGTERM kills Python without cleanup: own both.
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -960,6 +1036,7 @@ def serve(args: argparse.Namespace) -> int:
         extra_args=args.tritonserver_arg,
     )
     code = 0
+    stopping = False
     try:
         server.start()
         where = f"key file {generated}" if generated else (args.operator_key_file or f"${OPERATOR_KEY_ENV}")
@@ -973,13 +1050,16 @@ def serve(args: argparse.Namespace) -> int:
         log.error("tritonserver exited by itself with code %s", code)
         code = code or 1
     except _Stop as stop:
-        log.info("%s: stopping tritonserver and its stubs", stop)
+        log.info("%s: draining, then stopping tritonserver and its stubs", stop)
+        stopping = True
     except (PortInUseError, RuntimeError, TimeoutError, ValueError) as exc:
         log.error("error: %s", exc)
         code = 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the cleanup
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if stopping and args.drain_seconds > 0:
+            _drain(server, args.drain_seconds)
         server.stop()
         if generated is not None:
             shutil.rmtree(generated.parent, ignore_errors=True)
@@ -1039,6 +1119,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-idle-pool-mb", type=int, default=64,
         help="the watchdog reloads a model whose stub keeps a shared-memory pool above this while the server "
         "is idle (a pool grows to the largest request and never shrinks; default 64)",
+    )
+    serve_parser.add_argument(
+        "--drain-seconds", type=float, default=DEFAULT_DRAIN_S,
+        help="on SIGTERM or Ctrl-C: the server first reports not ready and takes no new scans, and the scans in "
+        f"flight have this long to finish before tritonserver is stopped (default {DEFAULT_DRAIN_S:.0f}; 0 = stop "
+        "at once); then tritonserver's own exit timeout (10 s) and the stubs' stop (up to 20 s) follow",
     )
     serve_parser.add_argument("--verbose", action="store_true", help="tritonserver --log-verbose=1")
     serve_parser.add_argument(

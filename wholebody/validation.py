@@ -35,6 +35,10 @@ class InvalidRequestError(ValueError):
     """The request cannot be served as sent; the message names what is wrong and the valid values."""
 
 
+class RequestCancelled(Exception):
+    """The request was cancelled (its client cancelled, timed out or went away): stop computing it."""
+
+
 class ConfigError(ValueError):
     """A model's config parameter is missing or out of range (the model refuses to load)."""
 

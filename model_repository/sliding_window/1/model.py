@@ -119,5 +119,6 @@ class TritonPythonModel(PythonModel):
             padding_mode=self.padding_mode,
             progress=progress,
             blend_dtype=self.blend_dtype,
+            should_stop=request.is_cancelled,
         )
         return [output_tensor(RESAMPLED_LABEL_MAP, label_map)]
