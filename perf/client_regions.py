@@ -37,7 +37,8 @@ import tritonclient.grpc as grpcclient
 from perf.run import machine_info
 from wholebody.bundle import copy_model_repository, install_bundle, make_test_bundle
 from wholebody.client_regions import PREFIX
-from wholebody.contract import ENSEMBLE, ENSEMBLE_INT16, REPO_ROOT
+from wholebody.contract import REPO_ROOT
+from wholebody.health import answered_requests
 from wholebody.triton_server import LocalTritonServer
 
 log = logging.getLogger("perf.client_regions")
@@ -96,14 +97,6 @@ def mapped_bytes(server_pid: int, pid: int) -> int:
     return sum(seen.values())
 
 
-def finished(url: str) -> int:
-    client = grpcclient.InferenceServerClient(url)
-    total = 0
-    for model in (ENSEMBLE, ENSEMBLE_INT16):
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
-        total += sum(int(stats[k].get("count", 0)) for k in ("success", "fail"))
-    return total
-
 
 def one_run(server: LocalTritonServer, script: str, arg: str, mid_request: bool) -> dict[str, float]:
     """Start a child client, kill its group once its regions are registered (3 s later mid-request);
@@ -119,7 +112,7 @@ def one_run(server: LocalTritonServer, script: str, arg: str, mid_request: bool)
                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-        before_requests = finished(server.grpc_url)
+        before_requests = answered_requests(server.grpc_url)
         deadline = time.monotonic() + 120
         while len(regions := registered(server.grpc_url, child.pid)) < 2:
             if time.monotonic() > deadline or child.poll() is not None:
@@ -127,7 +120,7 @@ def one_run(server: LocalTritonServer, script: str, arg: str, mid_request: bool)
             time.sleep(0.05)
         if mid_request:
             time.sleep(3.0)
-            if finished(server.grpc_url) != before_requests:
+            if answered_requests(server.grpc_url) != before_requests:
                 raise RuntimeError("the request ended before the kill; use a larger --shape")
         held = mapped_bytes(server.process.pid, child.pid)
         mine = f"{PREFIX}_{child.pid}_"
@@ -139,7 +132,7 @@ def one_run(server: LocalTritonServer, script: str, arg: str, mid_request: bool)
             now = time.monotonic() - killed
             if "files" not in times and not [f for f in os.listdir("/dev/shm") if f.startswith(mine)]:
                 times["files"] = now
-            if "request" not in times and finished(server.grpc_url) != before_requests:
+            if "request" not in times and answered_requests(server.grpc_url) != before_requests:
                 times["request"] = now
             if not registered(server.grpc_url, child.pid):
                 times["regions"] = now

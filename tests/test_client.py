@@ -26,9 +26,10 @@ from client.cohort import MANIFEST_NAME, CohortOptions, Record, read_manifest, r
 from client.inputs import discover
 from client.outputs import NiftiLabelMapWriter, plan_outputs
 from client.segmentation_client import SHM_PREFIX
-from wholebody.contract import AFFINE, ENSEMBLE, IMAGE, IMAGE_INT16, LABEL_MAP, PREPROCESS, REPO_ROOT
+from wholebody.contract import AFFINE, IMAGE, IMAGE_INT16, LABEL_MAP, PREPROCESS, REPO_ROOT
 from wholebody.sample_data import synthetic_ct
 from wholebody.triton_server import LocalTritonServer
+from wholebody.health import answered_requests
 
 log = logging.getLogger(__name__)
 README = REPO_ROOT / "README.md"
@@ -43,11 +44,6 @@ def small_ct(path: Path, shape: tuple[int, int, int] = (40, 36, 30), seed: int =
 def labels_of(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj)
 
-
-def ensemble_requests(url: str) -> int:
-    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(ENSEMBLE, as_json=True)
-    inference = stats["model_stats"][0]["inference_stats"]
-    return sum(int(inference[k].get("count", 0)) for k in ("success", "fail"))
 
 
 def our_regions(server: LocalTritonServer) -> tuple[list[str], list[str]]:
@@ -89,10 +85,10 @@ def test_cohort_with_bad_files_then_resume(
     (cohort / "s0003" / "ct.nii.gz").unlink()
     (cohort / "s0004.nrrd").unlink()
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")}
-    requests = ensemble_requests(server.grpc_url)
+    requests = answered_requests(server.grpc_url)
     assert client_main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-    assert ensemble_requests(server.grpc_url) == requests
+    assert answered_requests(server.grpc_url) == requests
     records = read_manifest(out / MANIFEST_NAME)
     assert sorted((r["input"], r["status"]) for r in records) == sorted(
         (str(cohort / name), "skipped") for name in ("UPPER.NII.GZ", "s0001/ct.nii.gz", "s0002/ct.nii.gz"))
@@ -106,11 +102,11 @@ def test_output_that_is_a_file_is_refused_before_any_request(
     ct = small_ct(tmp_path / "ct.nii.gz")
     target = tmp_path / "labels.nii.gz"
     target.write_bytes(b"precious")
-    requests = ensemble_requests(server.grpc_url)
+    requests = answered_requests(server.grpc_url)
     with caplog.at_level(logging.ERROR):
         assert client_main([str(ct), "-o", str(target), "-u", server.grpc_url, "-q"]) == 2
     assert "is a file, not a folder" in caplog.text
-    assert ensemble_requests(server.grpc_url) == requests and target.read_bytes() == b"precious"
+    assert answered_requests(server.grpc_url) == requests and target.read_bytes() == b"precious"
 
 
 def test_timeout_with_shared_memory_leaves_no_region(
@@ -229,12 +225,12 @@ def test_two_cohorts_with_one_layout_into_one_folder_never_swap_patients(
     common = ["-o", str(out), "-u", server.grpc_url, "--resolution", "lowres", "-q"]
     assert client_main([str(a), *common]) == 0
     made = {p: p.read_bytes() for p in out.rglob("*.nii.gz")}
-    requests = ensemble_requests(server.grpc_url)
+    requests = answered_requests(server.grpc_url)
     with caplog.at_level(logging.ERROR):
         assert client_main([str(b), *common]) == 1
     refused = [r.getMessage() for r in caplog.records if "was made from another input" in r.getMessage()]
     assert len(refused) == 2 and all(str(a) in line and "--overwrite replaces it" in line for line in refused)
-    assert {p: p.read_bytes() for p in made} == made and ensemble_requests(server.grpc_url) == requests
+    assert {p: p.read_bytes() for p in made} == made and answered_requests(server.grpc_url) == requests
     assert all(r["status"] == "failed" for r in read_manifest(out / MANIFEST_NAME))
     # at the same time: the second run is refused before any request, naming the first
     first = subprocess.Popen([sys.executable, "-m", "client", str(a), *common, "--overwrite"], cwd=REPO_ROOT,

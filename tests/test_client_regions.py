@@ -34,7 +34,8 @@ from wholebody.client_regions import (
     start_ticks,
     this_process,
 )
-from wholebody.contract import ENSEMBLE, ENSEMBLE_INT16, REPO_ROOT
+from wholebody.contract import REPO_ROOT
+from wholebody.health import answered_requests
 from wholebody.sample_data import synthetic_ct
 from wholebody.triton_server import ClientRegionReclaimer, LocalTritonServer
 
@@ -233,15 +234,6 @@ def server_regions(url: str) -> dict[str, int]:
     return {n: int(r["byte_size"]) for n, r in status.get("regions", {}).items() if n.startswith(PREFIX)}
 
 
-def finished_requests(url: str) -> int:
-    """Requests the two ensembles have finished (succeeded or failed)."""
-    client = grpcclient.InferenceServerClient(url)
-    total = 0
-    for model in (ENSEMBLE, ENSEMBLE_INT16):
-        inference = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
-        total += sum(int(inference[k].get("count", 0)) for k in ("success", "fail"))
-    return total
-
 
 def files_of(pid: int) -> list[str]:
     return sorted(f for f in os.listdir("/dev/shm") if f.startswith(f"{PREFIX}_{pid}_"))
@@ -257,7 +249,7 @@ class Child:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,  # its own group: killpg
         )
         self.url = url
-        self.finished_before = finished_requests(url)
+        self.finished_before = answered_requests(url)
         self.events: dict[str, dict[str, Any]] = {}
 
     def read(self, event: str) -> dict[str, Any]:
@@ -278,7 +270,7 @@ class Child:
             assert time.monotonic() < deadline, "the client's regions were never registered"
             time.sleep(0.05)
         time.sleep(2.0)
-        assert finished_requests(self.url) == self.finished_before, f"{LONG_CT}^3 finished too early"
+        assert answered_requests(self.url) == self.finished_before, f"{LONG_CT}^3 finished too early"
         return regions
 
     def wait_reclaimed(self, regions: list[str], since: float) -> tuple[float, float]:
@@ -289,7 +281,7 @@ class Child:
         ended = None
         while True:
             now = time.monotonic()
-            if ended is None and finished_requests(self.url) > self.finished_before:
+            if ended is None and answered_requests(self.url) > self.finished_before:
                 ended = now
             if not set(regions) & set(server_regions(self.url)) and not files_of(self.process.pid):
                 break

@@ -23,7 +23,6 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-import tritonclient.grpc as grpcclient
 
 from client.__main__ import main as client_main
 from client.cohort import MANIFEST_NAME, read_manifest
@@ -37,9 +36,9 @@ from clinical.seg_encodings import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_
 from clinical.seg_nrrd import read_seg_nrrd, terminology_entry
 from clinical.statistics import structure_statistics
 from tests.orthanc import LocalOrthanc
-from wholebody.contract import ENSEMBLE, ENSEMBLE_INT16
 from wholebody.sample_data import real_ct, real_ct_dicom
 from wholebody.triton_server import LocalTritonServer
+from wholebody.health import answered_requests
 
 STUDY = "1.2.826.0.1.3680043.8.498.10"
 
@@ -59,15 +58,6 @@ def as_series(image: nib.Nifti1Image, folder: Path, series_uid: str, number: int
         ds.save_as(f)
     return files
 
-
-def ensemble_requests(url: str) -> int:
-    """Requests the server's ensembles (float32 and int16 twin) have answered or failed so far."""
-    client = grpcclient.InferenceServerClient(url)
-    total = 0
-    for model in (ENSEMBLE, ENSEMBLE_INT16):
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
-        total += sum(int(stats[k].get("count", 0)) for k in ("success", "fail"))
-    return total
 
 
 def labels_of(path: Path) -> np.ndarray:
@@ -149,9 +139,9 @@ def test_dicom_folder_every_output_equals_the_nifti_route_and_resumes(
         f.unlink()
     bad_folder.rmdir()
     mtime = (out / "s3" / "series3_seg.dcm").stat().st_mtime_ns
-    before = ensemble_requests(server.grpc_url)
+    before = answered_requests(server.grpc_url)
     assert client_main(args) == 0
-    assert ensemble_requests(server.grpc_url) == before + 1  # only series 4 again
+    assert answered_requests(server.grpc_url) == before + 1  # only series 4 again
     assert (out / "s4" / "series4_preview.png").is_file()
     assert (out / "s3" / "series3_seg.dcm").stat().st_mtime_ns == mtime
     assert sorted(r["status"] for r in read_manifest(out / MANIFEST_NAME)) == ["done", "skipped"]
@@ -190,7 +180,7 @@ def test_refusals_before_any_request(
     dicom = tmp_path / "dicom"
     as_series(slabs["b"], dicom, "1.2.826.0.1.3680043.8.498.31", 1)
     base = ["-o", str(tmp_path / "out"), "-u", server.grpc_url, "-q"]
-    before = ensemble_requests(server.grpc_url)
+    before = answered_requests(server.grpc_url)
     cases = [
         ([str(ct), "--output-type", "nifti,dicom-seg"], "dicom-seg needs DICOM inputs"),
         ([str(ct), "--roi-subset", "livr", "kidney_rigth"], "'livr' (closest: liver"),
@@ -210,7 +200,7 @@ def test_refusals_before_any_request(
     with caplog.at_level(logging.ERROR):
         assert client_main([str(ct), "--output-type", "seg-nrrd", *base]) == 2
     assert "names label 5 'liver' where clinical/structures.json has 'not_liver'" in caplog.text
-    assert ensemble_requests(server.grpc_url) == before
+    assert answered_requests(server.grpc_url) == before
     assert not list((tmp_path / "out").rglob("*.nii.gz"))
 
 
@@ -322,10 +312,10 @@ def test_a_series_without_uids_keeps_its_other_outputs_and_a_name_of_its_own(
     out = tmp_path / "labels"
     args = [str(deep), "-o", str(out), "-u", server.grpc_url, "--resolution", "lowres", "-q",
             "--output-type", "nifti,dicom-seg,seg-nrrd"]
-    before = ensemble_requests(server.grpc_url)
+    before = answered_requests(server.grpc_url)
     with caplog.at_level(logging.ERROR):
         assert client_main(args) == 1  # a requested output is missing
-    assert ensemble_requests(server.grpc_url) == before + 1
+    assert answered_requests(server.grpc_url) == before + 1
     made = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
     name = made[0].split("/")[-1].split("_seg")[0]
     assert re.fullmatch(r"series-[0-9a-f]{8}", name), made  # the series' own identity, no machine path
@@ -342,7 +332,7 @@ def test_a_series_without_uids_keeps_its_other_outputs_and_a_name_of_its_own(
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         assert client_main([*args[:-1], "dicom-seg", "-o", str(tmp_path / "seg_only")]) == 1
-    assert ensemble_requests(server.grpc_url) == before + 1
+    assert answered_requests(server.grpc_url) == before + 1
     assert "not segmented, no output can be made: " in caplog.text
 
 

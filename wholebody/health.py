@@ -27,6 +27,7 @@ import numpy as np
 from wholebody.contract import (
     AFFINE,
     ENSEMBLE,
+    ENSEMBLE_INT16,
     IMAGE,
     LABEL_MAP,
     NETWORK,
@@ -97,6 +98,22 @@ def executions(client: Any, models: list[str], timeout_s: float) -> int:
         for model in stats.get("model_stats", []):
             total += int(model.get("inference_stats", {}).get("success", {}).get("count", 0))
     return total
+
+
+def answered_requests(url: str, models: tuple[str, ...] = (ENSEMBLE, ENSEMBLE_INT16)) -> int:
+    """Requests `models` (default: the two ensembles) have answered, successfully or not, so far (Triton's
+    statistics); tests and benchmarks compare it before and after to see whether a request was sent."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        total = 0
+        for model in models:
+            stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
+            total += sum(int(stats[k].get("count", 0)) for k in ("success", "fail"))
+        return total
+    finally:
+        client.close()
 
 
 def check(url: str, timeout_s: float) -> str:
