@@ -504,11 +504,15 @@ class _Run:
         try:
             self.record(item, status, **fields)
         finally:
-            item.volume = None  # free it before the next read
-            with self.lock:
-                self.outstanding -= 1
-                self.lock.notify_all()
-            self.slots.release()
+            self.release(item)
+
+    def release(self, item: _Item) -> None:
+        """A scan is settled (or given up): free its volume and its slot for the next read."""
+        item.volume = None
+        with self.lock:
+            self.outstanding -= 1
+            self.lock.notify_all()
+        self.slots.release()
 
     # --- threads ------------------------------------------------------------------------------
     def read_all(self, todo: list[_Item]) -> None:
@@ -725,11 +729,7 @@ class _Run:
         for path in written:
             with contextlib.suppress(OSError):
                 path.unlink()
-        item.volume = None
-        with self.lock:
-            self.outstanding -= 1
-            self.lock.notify_all()
-        self.slots.release()
+        self.release(item)
 
 
 def _resume_decision(
@@ -889,8 +889,7 @@ def _sort_out(run: _Run, plan: dict[Scan, list[Path]], options: CohortOptions) -
         if decision == "skip":
             origin = origins[output_key(outputs[0], options.output_dir)]
             keys = [output_key(p, options.output_dir) for p in outputs]
-            hashes = {k: v for o in {id(origins[k]): origins[k] for k in keys}.values()
-                      for k, v in (o.get("output_sha256") or {}).items() if k in keys}
+            hashes = {k: origins[k]["output_sha256"][k] for k in keys}  # each checked by _resume_decision
             run.record(item, "skipped", model=origin.get("model"), resolution=origin.get("resolution"),
                        network=origin.get("network"), recipe=origin.get("recipe"), output_sha256=hashes)
         elif decision == "refuse":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import importlib.util
 import json
 import logging
 import os
@@ -24,7 +23,6 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -39,6 +37,7 @@ from wholebody.bundle_download import (
     choose_weights,
     released_bundle_urls,
 )
+from tests.test_deploy import entrypoint_module
 from wholebody.contract import REPO_ROOT
 
 TIMEOUT_S = 3.0
@@ -214,18 +213,6 @@ def test_demo_flags_force_either_weights(cache: Path, monkeypatch: pytest.Monkey
 
 # --- the container entrypoint: download only when asked, random weights only when told ---------------------
 
-def _entrypoint() -> ModuleType:
-    """deploy/entrypoint.py, a script in the image: loaded by path (registered: its dataclasses need it)."""
-    name = "wholebody_entrypoint_weights"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, DEPLOY / "entrypoint.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _entrypoint_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WHOLEBODY_")}
     env.update({f"WHOLEBODY_{k.upper()}": v for k, v in settings.items()})
@@ -268,7 +255,7 @@ def test_entrypoint_installs_the_downloaded_bundle(
     target = cache / "state" / "model_repository"
     env = _entrypoint_env(download_bundle="1", bundle_cache=str(cache), bundle_url=f"{base}/good.zip",
                           model_repository=str(target), config_name="cpu")
-    assert _entrypoint().main(["--prepare-only"], env=env) == 0
+    assert entrypoint_module().main(["--prepare-only"], env=env) == 0
     bundle = cache / "bundles" / f"{BUNDLE_NAME}_v{BUNDLE_VERSION}"
     installed = target / "segresnet_lowres_torch_fp32" / "1" / "model_lowres.pt"
     assert installed.read_bytes() == (bundle / "models" / "model_lowres.pt").read_bytes()

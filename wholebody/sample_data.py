@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import IO
 
 import nibabel as nib
 import numpy as np
@@ -47,9 +48,7 @@ def real_ct(name: str = "example_ct", cache: Path = DEFAULT_CACHE) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
         for other, member in REAL_CTS.items():
-            data = tar.extractfile(member)
-            if data is None:
-                raise RuntimeError(f"{archive} has no {member}")
+            data = _member(tar, archive, member)
             atomic_write(target.parent / f"{other}.nii.gz", functools.partial(shutil.copyfileobj, data))
     return target
 
@@ -61,18 +60,31 @@ REAL_CT_DICOM = "totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom/
 
 def real_ct_dicom(cache: Path = DEFAULT_CACHE) -> Path:
     """Folder of a real CT DICOM series (REAL_CT_DICOM), extracted once from the source archive into `cache`."""
-    target = Path(cache) / "ct" / "example_ct_dicom"
+    return _extract_folder(cache, REAL_CT_DICOM, Path(cache) / "ct" / "example_ct_dicom")
+
+
+def _extract_folder(cache: Path, folder: str, target: Path, suffix: str = "") -> Path:
+    """The files of `folder` (a path inside the source archive) whose names end in `suffix`, extracted once
+    into `target` (flat, atomically). Raises RuntimeError when the archive has none."""
     if target.is_dir():
         return target
     archive = _sdist(cache)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target, directory=True) as partial, tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(REAL_CT_DICOM)]
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(folder) and m.name.endswith(suffix)]
         if not members:
-            raise RuntimeError(f"{archive} has no {REAL_CT_DICOM}")
+            raise RuntimeError(f"{archive} has no {folder}")
         for member in members:
-            (partial / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+            (partial / Path(member.name).name).write_bytes(_member(tar, archive, member.name).read())
     return target
+
+
+def _member(tar: tarfile.TarFile, archive: Path, name: str) -> IO[bytes]:
+    """A file of the source archive; raises RuntimeError when it is not there."""
+    data = tar.extractfile(name)
+    if data is None:
+        raise RuntimeError(f"{archive} has no {name}")
+    return data
 
 
 def _sdist(cache: Path) -> Path:
@@ -128,19 +140,7 @@ REAL_LABEL_MASKS = "totalsegmentator-2.18.0/tests/reference_files/example_seg_fa
 def real_label_masks(cache: Path = DEFAULT_CACHE) -> Path:
     """Folder of real structure masks (REAL_LABEL_MASKS: `<name>.nii.gz`, uint8 0/1, on the grid of
     `real_ct("example_ct_sm")`), extracted once from the source archive into `cache`."""
-    target = Path(cache) / "ct" / "example_seg_fast"
-    if target.is_dir():
-        return target
-    archive = _sdist(cache)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target, directory=True) as partial, tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(REAL_LABEL_MASKS)
-                   and m.name.endswith(".nii.gz")]
-        if not members:
-            raise RuntimeError(f"{archive} has no {REAL_LABEL_MASKS}")
-        for member in members:
-            (partial / Path(member.name).name).write_bytes(tar.extractfile(member).read())
-    return target
+    return _extract_folder(cache, REAL_LABEL_MASKS, Path(cache) / "ct" / "example_seg_fast", ".nii.gz")
 
 
 def real_label_map(names: list[str], cache: Path = DEFAULT_CACHE) -> nib.Nifti1Image:
@@ -174,8 +174,5 @@ def snomed_mapping_csv(cache: Path = DEFAULT_CACHE) -> Path:
         return target
     archive = _sdist(cache)
     with tarfile.open(archive) as tar:
-        data = tar.extractfile(SNOMED_MAPPING_CSV)
-        if data is None:
-            raise RuntimeError(f"{archive} has no {SNOMED_MAPPING_CSV}")
-        atomic_write(target, functools.partial(shutil.copyfileobj, data))
+        atomic_write(target, functools.partial(shutil.copyfileobj, _member(tar, archive, SNOMED_MAPPING_CSV)))
     return target
