@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -156,7 +157,7 @@ def label_map(series: DicomSeries) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def pacs(dist: Path) -> LocalOrthanc:
+def pacs(dist: Path) -> Iterator[LocalOrthanc]:
     try:
         chromium_path()
         with LocalOrthanc(extra_config=ohif.orthanc_settings(dist), start_timeout_s=120) as orthanc:

@@ -169,7 +169,8 @@ class HeadlessChromium:
             self.console.append(f"console.{params['type']}: {text[:300]}")
         elif method == "Runtime.exceptionThrown":
             details = params.get("exceptionDetails", {})
-            self.console.append(f"exception: {details.get('exception', {}).get('description', details.get('text'))}"[:400])
+            text = details.get("exception", {}).get("description", details.get("text"))
+            self.console.append(f"exception: {text}"[:400])
 
     def open(self, url: str) -> None:
         """Navigate the page to `url` (returns once the navigation is committed, not when the app is ready)."""

@@ -159,8 +159,11 @@ def rebase(dist: Path, mount: str) -> None:
     _replace(index, 'window.PUBLIC_URL="/"', f'window.PUBLIC_URL="{prefix}"', at_least=1)
     for attribute in ("src", "href", "content"):
         _replace(index, f'{attribute}="/', f'{attribute}="{prefix}', at_least=1 if attribute != "content" else 0)
-    _replace(dist / next(n.name for n in dist.glob("app.bundle.*.js")), '__webpack_require__.p = "/";',
-             f'__webpack_require__.p = "{prefix}";', at_least=1)
+    app_bundles = sorted(dist.glob("app.bundle.*.js"))
+    if len(app_bundles) != 1:
+        raise ViewerError(f"{dist} has {len(app_bundles)} app.bundle.*.js (expected 1): this build of @ohif/app "
+                          "differs from the one viewer/ohif.py rebases; pin the version in viewer/ohif.json it knows")
+    _replace(app_bundles[0], '__webpack_require__.p = "/";', f'__webpack_require__.p = "{prefix}";', at_least=1)
     for bundle in dist.glob("*.js"):
         if not bundle.name.startswith("app.bundle."):
             _replace(bundle, '__webpack_require__.p = "/";', f'__webpack_require__.p = "{prefix}";', at_least=0)
@@ -198,7 +201,12 @@ def ensure_viewer(cache: Path, mount: str = "viewer") -> Path:
                 if not members:
                     raise ViewerError(f"{tarball.name} has no package/dist/: pin a version of @ohif/app that "
                                       "ships its built viewer in viewer/ohif.json")
-                tar.extractall(tmp, members=members, filter="data")
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: no links or paths outside
+                    tar.extractall(tmp, members=members, filter="data")
+                else:
+                    if any(m.issym() or m.islnk() or ".." in Path(m.name).parts for m in members):
+                        raise ViewerError(f"{tarball.name} has links or '..' paths: not extracted")
+                    tar.extractall(tmp, members=members)
             shutil.move(Path(tmp) / "package" / "dist", partial / "dist")
             (partial / "ohif.json").write_text(PIN.read_text())
             rebase(partial / "dist", mount)
@@ -260,27 +268,35 @@ _SEGMENT_ROWS = ("[...document.querySelectorAll('[data-cy=data-row-title]')].map
                  ".querySelector('[data-cy=data-row-colorhex]')?.style.backgroundColor || ''])")
 
 
-def capture(url: str, screenshot: Path, timeout_s: float = 600.0, width: int = 1600, height: int = 1000
-            ) -> list[tuple[str, str]]:
+def capture(url: str, screenshot: Path, timeout_s: float = 600.0, width: int = 1600, height: int = 1000,
+            timings: dict[str, float] | None = None) -> list[tuple[str, str]]:
     """Open `url` (a `study_url`, with `series_uid` = a SEG's series) in headless Chromium, answer OHIF's
     "open this Segmentation?" with Yes, open the segmentation panel, wait until it lists segments, and save
     a PNG at `screenshot`. Returns the panel's rows: (segment label, CSS colour "rgb(r, g, b)"), in order.
 
     timeout_s: for each stage (the app booting, the SEG loading, the panel filling): OHIF on a loaded
-    2-core box takes about 30 s to the prompt. Raises viewer.chromium.BrowserError when a stage times out.
+    2-core box takes about 30 s to the prompt. timings: if given, filled with the seconds from the start of
+    Chromium to "browser" (its debugging port open), "prompt" (the SEG drawn over the CT, OHIF asking) and
+    "panel" (the segment list shown), for perf/viewer_load.py. Raises viewer.chromium.BrowserError when a
+    stage times out.
     """
     from viewer.chromium import HeadlessChromium
 
+    start = time.perf_counter()
+    stages = timings if timings is not None else {}
     with HeadlessChromium(width=width, height=height) as browser:
+        stages["browser"] = time.perf_counter() - start
         browser.open(url)
         browser.wait_for(f"document.body && document.body.innerText.includes({json.dumps(HYDRATE_PROMPT)})",
                          timeout_s)
+        stages["prompt"] = time.perf_counter() - start
         browser.wait_for(_CLICK_YES, timeout_s)
         browser.wait_for("(() => { const b = document.querySelector('[data-cy=panelSegmentation-btn]');"
                          " if (b) b.click(); return !!b; })()", timeout_s)
         rows = browser.wait_for(f"(() => {{ const r = {_SEGMENT_ROWS}; return r.length ? r : null; }})()",
                                 timeout_s)
         browser.wait_for(f"!document.body.innerText.includes({json.dumps(HYDRATE_PROMPT)})", timeout_s)
+        stages["panel"] = time.perf_counter() - start
         time.sleep(2)  # the last render of the viewport after the panel opened
         browser.screenshot(screenshot)
         log.info("%s: %d segment rows, screenshot %s", url, len(rows), screenshot)
