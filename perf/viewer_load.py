@@ -57,11 +57,17 @@ def run_once(encoding: str, folder: Path, dist: Path) -> dict[str, float]:
     return times
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m perf.viewer_load`."""
     parser = argparse.ArgumentParser(prog="python -m perf.viewer_load", description=__doc__.splitlines()[0])
     parser.add_argument("--encodings", default="labelmap-rle,binary",
                         help=f"comma-separated, of {', '.join(ENCODINGS)} (default labelmap-rle,binary)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per encoding (default 1); medians shown")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     encodings = args.encodings.split(",")

@@ -40,7 +40,8 @@ def _studies(orthanc: str, study_uid: str | None = None) -> list[str]:
     return [item["0020000D"]["Value"][0] for item in found if item.get("0020000D", {}).get("Value")]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m viewer` (tests/test_docs.py parses the documented commands with it)."""
     parser = argparse.ArgumentParser(prog="python -m viewer", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orthanc", default=DEFAULT_ORTHANC, help=f"Orthanc's HTTP root (default {DEFAULT_ORTHANC})")
@@ -55,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                "Orthanc configuration fragment that serves it")
     parser.add_argument("--cache", type=Path, help="cache folder (default WHOLEBODY_CACHE or the repository's .cache)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
