@@ -182,7 +182,8 @@ def test_orthanc_serves_the_viewer_beside_dicomweb(pacs: LocalOrthanc, dist: Pat
 # OHIF 3.13.2 colours a LABELMAP SEG's segments by position, not by segment number: the segment of label L
 # (and its overlay) gets the recommended colour of the L-th segment listed (background first), so with the
 # bundle's sparse labels most structures show another structure's colour (spleen shows the background's
-# black). A BINARY SEG's colours are its own. Asserted so that a change in OHIF shows up (docs/viewer.md).
+# black): cornerstone3D's bug fixed in its PR #2882, after the @cornerstonejs/adapters 5.6.8 OHIF 3.13.2
+# bundles. A BINARY SEG's colours are its own. Asserted so that a fixed OHIF shows up (docs/viewer.md).
 @pytest.mark.parametrize("encoding", ["labelmap-rle", "binary"])
 def test_chromium_shows_the_segmentation_over_the_ct(pacs: LocalOrthanc, ct_folder: Path, series: DicomSeries,
                                                      label_map: np.ndarray, encoding: str,
