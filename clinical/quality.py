@@ -19,7 +19,8 @@ returns one or more `CheckResult` with the status "pass", "fail" or "not_applica
 - "laterality" (per left/right structure): the side of the structure's centroid in patient coordinates
   (RAS: +x is the patient's right) against the midline (mean x of the vertebrae and sacrum present,
   else the centroid of the body, voxels above -500 HU), and against its counterpart of the other side
-  when both are present (the left one must lie further left).
+  when both are present (the left one must lie further left); heart chambers only against their
+  counterpart (`PAIR_ONLY_LATERALITY`).
 - "volume" (per structure with a cited normal range in `NORMAL_VOLUMES_ML`): volume outside it. Not
   applicable for an incomplete structure.
 - "neighbours" (per scan): a vertebra missing between two present ones, a rib missing between two
@@ -84,6 +85,10 @@ SERIES: dict[str, tuple[str, ...]] = {
     "ribs left": tuple(f"rib_left_{i}" for i in range(1, 13)),
     "ribs right": tuple(f"rib_right_{i}" for i in range(1, 13)),
 }
+# The heart lies mostly left of the midline, its right ventricle included: its chambers are judged only
+# against their counterpart (the right atrium/ventricle must lie to the right of the left one).
+PAIR_ONLY_LATERALITY = frozenset({"heart_atrium_left", "heart_atrium_right", "heart_ventricle_left",
+                                  "heart_ventricle_right"})
 MIDLINE_STRUCTURES = SERIES["vertebrae"] + ("sacrum",)
 BODY_MIN_HU = -500.0  # voxels above this are body (soft tissue and bone), below it air and lung
 PADDING_BELOW_HU = -2000.0  # the client's rule where DICOM gives no PixelPaddingValue (client.inputs)
@@ -417,7 +422,8 @@ def check_scan(
     for name, checks in per_structure.items():
         if side_of(name) is not None:
             other = centroids.get(counterpart(name))
-            checks.insert(2, check_laterality(name, float(centroids[name][0]), midline_x,
+            reference = None if name in PAIR_ONLY_LATERALITY else midline_x
+            checks.insert(2, check_laterality(name, float(centroids[name][0]), reference,
                                               None if other is None else float(other[0])))
     real = values >= PADDING_BELOW_HU  # padding left out of the HU range (PixelPaddingValue is below it too)
     if padded_fraction is None:
