@@ -463,8 +463,9 @@ def _store_segs(url: str, summary: CohortSummary, writers: list[OutputWriter]) -
         if record.status not in ("done", "skipped"):
             continue
         if record.quality is not None and record.quality.get("held"):
-            log.error("%s: held back by the quality policy (%s): not stored; see its _quality.json",
-                      record.input, ", ".join(sorted(record.quality.get("failed", {}))))
+            log.error("%s: held back by the quality policy (failed: %s): not stored; see its _quality.json",
+                      f"series {record.series_uid}" if record.series_uid else record.input,
+                      ", ".join(sorted(record.quality.get("failed", {}))))
             held += 1
             continue
         files = [record.outputs[i] for i in indices if record.outputs[i] not in (record.missing_outputs or [])]

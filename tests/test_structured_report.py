@@ -155,53 +155,53 @@ def test_sr_without_quality_and_refusals(series: DicomSeries, tmp_path: Path) ->
 def test_client_quality_checks_and_sr_end_to_end(
     server: LocalTritonServer, series: DicomSeries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Two runs pulling the study from a real Orthanc: with the default hu_range=hold a CT with metal above
+    3071 HU is held back (nothing stored); with every check on report its SEG and SR are stored."""
+    ct = series.volume[:, :, :16].copy()
+    ct[5:8, 5:8, 5:8] = 3500  # metal beyond the 12-bit CT range: the hu_range check fails
     study = tmp_path / "study"
-    write_ct_series(series.volume, series.affine, study / "s1", study_uid=STUDY, series_uid=series.series_uid,
-                    patient_id="P7")
-    out = tmp_path / "labels"
-    args = [str(study), "-o", str(out), "-u", server.grpc_url, "--resolution", "lowres", "-q", "--statistics",
-            "--quality-checks", "--quality-policy", "incomplete=report,laterality=mark", "--sr"]
-    assert client_main(args) == 0
-    base = out / "s1" / "series1"
-    quality = json.loads(Path(f"{base}_quality.json").read_text())
-    record, = read_manifest(out / MANIFEST_NAME)
-    assert record["status"] == "done" and record["quality"]["held"] == quality["held"]
-    assert record["quality"]["failed"] == quality["failed"]
-    assert quality["policy"]["incomplete"] == "report" and quality["policy"]["laterality"] == "mark"
-    assert record["recipe"]["quality_policy"] == "incomplete=report,laterality=mark"
-    seg = pydicom.dcmread(f"{base}_seg.dcm")
-    structures_back, scan = srm.read_measurement_report(f"{base}_seg_sr.dcm")
-    stats = json.loads(Path(f"{base}_statistics.json").read_text())
-    assert list(structures_back) == list(stats) == list(quality["structures"])
-    numbers = srm.segment_numbers(seg)
-    for name, back in structures_back.items():
-        assert back.seg_sop_instance_uid == seg.SOPInstanceUID and back.segment_number == numbers[name]
-        assert back.measurements["volume_ml"] == pytest.approx(stats[name]["volume_ml"], rel=1e-9)
-        assert back.measurements["mean_hu"] == pytest.approx(stats[name]["mean_hu"], rel=1e-9)
-        assert back.evaluations == {c["check"]: c["status"] == "fail" for c in quality["structures"][name]["checks"]
-                                    if c["status"] != "not_applicable"}
-    assert scan["held"] == quality["held"]
-    assert dciodvfy_errors(Path(f"{base}_seg_sr.dcm")) == [] or all(
-        LABELMAP_DCIODVFY_ERROR in e for e in dciodvfy_errors(Path(f"{base}_seg_sr.dcm")))
-
-    # PACS: SEG and SR stored unless the policy holds the result back (every check set to hold here)
+    write_ct_series(ct, series.affine, study / "s1", study_uid=STUDY, patient_id="P7")
+    uid = read_ct_series(study / "s1")[0].series_uid
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the pulled study goes
     with LocalOrthanc() as orthanc:
-        for f in sorted((study / "s1").iterdir()):
+        for f in sorted((study / "s1").iterdir()):  # uploaded with Orthanc's own REST API
             requests.post(f"{orthanc.url}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
-        scratch = tmp_path / "tmp"
-        scratch.mkdir()
-        monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-        pacs = ["--dicomweb", orthanc.dicomweb, "--study", STUDY, "--store-seg", "--sr", "-u", server.grpc_url,
-                "--resolution", "lowres", "-q", "--seg-encoding", "binary"]
-        assert client_main([*pacs, "-o", str(tmp_path / "pacs"), "--quality-policy",
-                            "incomplete=report,components=report,laterality=report,volume=report,neighbours=report,"
-                            "hu_range=report,padding=report"]) == 0
-        assert len(find_series(orthanc.dicomweb, STUDY, modality="SEG")) == 1
-        assert len(find_series(orthanc.dicomweb, STUDY, modality="SR")) == 1
-        strict = ",".join(f"{check}=hold" for check in q.CHECKS)
-        record = read_manifest(tmp_path / "pacs" / MANIFEST_NAME)[-1]
-        if record["quality"]["failed"]:  # something failed: with every check on hold nothing more is stored
-            assert client_main([*pacs, "-o", str(tmp_path / "held"), "--quality-policy", strict]) == 0
-            held = read_manifest(tmp_path / "held" / MANIFEST_NAME)[-1]
-            assert held["quality"]["held"] is True
-            assert len(find_series(orthanc.dicomweb, STUDY, modality="SEG")) == 1
+        pacs = ["--dicomweb", orthanc.dicomweb, "--study", STUDY, "--store-seg", "--sr", "--statistics",
+                "-u", server.grpc_url, "--resolution", "lowres", "-q"]
+        assert client_main([*pacs, "-o", str(tmp_path / "held"), "--quality-policy",
+                            "incomplete=report,laterality=mark"]) == 0
+        base = tmp_path / "held" / STUDY / uid / "series1"
+        quality = json.loads(Path(f"{base}_quality.json").read_text())
+        record, = read_manifest(tmp_path / "held" / MANIFEST_NAME)
+        assert record["status"] == "done" and record["quality"]["held"] is True and quality["held"] is True
+        assert record["quality"]["failed"] == quality["failed"] and quality["failed"]["hu_range"] == 1
+        assert quality["policy"]["incomplete"] == "report" and quality["policy"]["laterality"] == "mark"
+        assert record["recipe"]["quality_policy"] == "incomplete=report,laterality=mark"
+        assert not find_series(orthanc.dicomweb, STUDY, modality="SEG")  # held: not stored
+        assert not find_series(orthanc.dicomweb, STUDY, modality="SR")
+        seg = pydicom.dcmread(f"{base}_seg.dcm")
+        structures_back, scan = srm.read_measurement_report(f"{base}_seg_sr.dcm")
+        stats = json.loads(Path(f"{base}_statistics.json").read_text())
+        assert list(structures_back) == list(stats) == list(quality["structures"]) and stats
+        numbers = srm.segment_numbers(seg)
+        for name, back in structures_back.items():
+            assert back.seg_sop_instance_uid == seg.SOPInstanceUID and back.segment_number == numbers[name]
+            assert back.measurements["volume_ml"] == pytest.approx(stats[name]["volume_ml"], rel=1e-9)
+            assert back.measurements["mean_hu"] == pytest.approx(stats[name]["mean_hu"], rel=1e-9)
+            assert back.evaluations == {c["check"]: c["status"] == "fail"
+                                        for c in quality["structures"][name]["checks"] if c["status"] != "not_applicable"}
+        assert scan["held"] is True and scan["hu_range"] is True
+        errors = dciodvfy_errors(Path(f"{base}_seg_sr.dcm"))  # the default LABELMAP SEG: see LABELMAP_DCIODVFY_ERROR
+        assert all(LABELMAP_DCIODVFY_ERROR in e for e in errors), errors
+
+        report_only = ",".join(f"{check}=report" for check in q.CHECKS)
+        assert client_main([*pacs, "-o", str(tmp_path / "sent"), "--quality-policy", report_only]) == 0
+        assert read_manifest(tmp_path / "sent" / MANIFEST_NAME)[-1]["quality"]["held"] is False
+        seg_series, = find_series(orthanc.dicomweb, STUDY, modality="SEG")
+        sr_series, = find_series(orthanc.dicomweb, STUDY, modality="SR")
+        sent = tmp_path / "sent" / STUDY / uid / "series1"
+        meta = requests.get(f"{orthanc.dicomweb}/studies/{STUDY}/series/{sr_series}/metadata", timeout=10).json()
+        assert meta[0]["00080018"]["Value"][0] == pydicom.dcmread(f"{sent}_seg_sr.dcm").SOPInstanceUID
+    assert not list(scratch.iterdir())
