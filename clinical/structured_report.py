@@ -168,7 +168,7 @@ def make_measurement_report(
                                      procedure_reported=codes.cid100.CTUnspecifiedBodyRegion,
                                      imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg, *source], content=report[0], series_instance_uid=hd.UID(), series_number=series_number,
+        evidence=[seg], content=report[0], series_instance_uid=hd.UID(), series_number=series_number,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
         series_description=SR_SERIES_DESCRIPTION)
     scheme = Dataset()
