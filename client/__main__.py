@@ -85,7 +85,8 @@ made from another input (another cohort with the same layout) or of unknown orig
 that scan fails with one line (--overwrite replaces it). One run at a time per -o folder: a second is
 refused with a line naming the first. Every scan's outcome is appended to -o/{MANIFEST_NAME} (JSON
 lines: input, input_sha256, series_uid, outputs, model, resolution, network, status
-done/skipped/failed, server, seconds, error, padded_percent, missing_outputs). An output that cannot
+done/skipped/failed, server, seconds, error, padded_percent, missing_outputs, quality: the
+verdict of --quality-checks). An output that cannot
 be made for one scan (a DICOM-SEG of a series without UIDs: refused before its request) is named in
 one line; the scan's other outputs are written and it counts as done, without all outputs (exit 1);
 names, paths and folders of every output are checked before any request (too long, not writable:

@@ -112,18 +112,22 @@ def make_measurement_report(
         statistics: `structure_statistics` of these arrays, when already computed.
 
     Raises:
-        StructuredReportError: a structure present in `label_map` has no segment in `seg`, or `seg` is not
-            of `source`'s study.
+        StructuredReportError: the structures present in `label_map` are not the segments of `seg`, or
+            `seg` does not reference `source`'s series.
     """
     names = st.label_names()
     rows = list(statistics) if statistics is not None else structure_statistics(label_map, ct, affine, names)
     numbers = segment_numbers(seg)
     missing = [r.name for r in rows if r.name not in numbers]
-    if missing:
-        raise StructuredReportError(f"the SEG {seg.SOPInstanceUID} has no segment for {', '.join(missing[:5])}: "
-                                    "make the SR from the SEG written from this label map")
-    if seg.StudyInstanceUID != source[0].StudyInstanceUID:
-        raise StructuredReportError("the SEG is of another study than the CT series; give the series it references")
+    extra = sorted((set(numbers) & set(names[1:])) - {r.name for r in rows})  # a LABELMAP SEG also has "Background"
+    if missing or extra:  # e.g. a SEG left from an earlier run
+        what = (f"no segment for {', '.join(missing[:5])}" if missing
+                else f"segments {', '.join(extra[:5])} that the label map lacks")
+        raise StructuredReportError(f"the SEG {seg.SOPInstanceUID} has {what}: make the SR from the SEG written "
+                                    "from this label map")
+    referenced = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
+    if seg.StudyInstanceUID != source[0].StudyInstanceUID or str(source[0].SeriesInstanceUID) not in referenced:
+        raise StructuredReportError("the SEG does not reference this CT series; give the series it was made from")
     by_name = {s.name: s for s in (quality.structures if quality is not None else [])}
     algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=algorithm_version)
     ct_series = hd.sr.SourceSeriesForSegmentation(str(source[0].SeriesInstanceUID))

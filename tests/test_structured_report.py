@@ -148,8 +148,26 @@ def test_sr_without_quality_and_refusals(series: DicomSeries, tmp_path: Path) ->
     labels[0:5, 0:5, 30:35] = LABEL["aorta"]  # not in the SEG
     with pytest.raises(srm.StructuredReportError, match="no segment for aorta"):
         srm.make_measurement_report(seg, series.datasets, labels, series.volume, series.affine)
+    labels[0:5, 0:5, 30:35] = 0
+    labels[labels == LABEL["spleen"]] = 0  # a SEG with more segments than the label map: from another run
+    with pytest.raises(srm.StructuredReportError, match="segments spleen that the label map lacks"):
+        srm.make_measurement_report(seg, series.datasets, labels, series.volume, series.affine)
+    other = [pydicom.Dataset(d) for d in series.datasets]
+    for d in other:
+        d.SeriesInstanceUID = "1.2.3.4"
+    with pytest.raises(srm.StructuredReportError, match="does not reference this CT series"):
+        srm.make_measurement_report(seg, other, labels_for(series), series.volume, series.affine)
     with pytest.raises(srm.StructuredReportError, match="not a readable TID 1500"):
         srm.read_measurement_report(tmp_path / "seg.dcm")
+
+
+def test_client_refuses_sr_without_dicom_and_a_bad_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), ct)
+    assert client_main([str(ct), "-o", str(tmp_path / "out"), "--sr", "-u", "127.0.0.1:1"]) == 2  # before any request
+    with pytest.raises(SystemExit) as exited:
+        client_main([str(ct), "--quality-policy", "laterality=ignore"])
+    assert exited.value.code == 2 and "--quality-policy" in capsys.readouterr().err
 
 
 def test_client_quality_checks_and_sr_end_to_end(
