@@ -459,9 +459,15 @@ def _store_segs(url: str, summary: CohortSummary, writers: list[OutputWriter]) -
     from clinical.dicomweb import DicomWebError, store
 
     indices = [i for i, w in enumerate(writers) if isinstance(w, (DicomSegWriter, StructuredReportWriter))]
+    checked = any(isinstance(w, (QualityWriter, StructuredReportWriter)) for w in writers)
     failed = stored = held = 0
     for record in summary.records:
         if record.status not in ("done", "skipped"):
+            continue
+        if checked and record.quality is None:  # checks asked for but not made: never store unchecked
+            log.error("error: %s: its quality checks could not be made (%s): not stored", record.input,
+                      record.error or "no verdict recorded")
+            failed += 1
             continue
         if record.quality is not None and record.quality.get("held"):
             log.error("%s: held back by the quality policy (failed: %s): not stored; see its _quality.json",

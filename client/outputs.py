@@ -297,6 +297,10 @@ class StructuredReportWriter:
                                      statistics=self.table.statistics.rows(label_map, volume))
         write_measurement_report(sr, path)
 
+    def manifest_summary(self, label_map: np.ndarray, volume: Volume) -> dict[str, object]:
+        """The verdict its qualitative evaluations carry, for the manifest (also without --quality-checks)."""
+        return self.table.report(label_map, volume).to_manifest()
+
 
 def seg_path_of(sr_path: Path) -> Path:
     """The DICOM-SEG an SR output refers to: `x_seg_sr.dcm` -> `x_seg.dcm`."""

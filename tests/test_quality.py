@@ -219,3 +219,25 @@ def test_bad_inputs() -> None:
         q.check_scan(labels.astype(np.int32), ct, AFFINE, NAMES)
     with pytest.raises(ValueError, match="same shape"):
         q.check_scan(labels, ct[:-1], AFFINE, NAMES)
+
+
+def test_real_segmentation_sides_and_a_mirrored_one() -> None:
+    """TotalSegmentator's own masks of a real CT (wholebody.sample_data.real_label_map, 30 axial slices, RAS):
+    every left/right structure is on its side; the same voxels mirrored left-right (affine kept) fail."""
+    import nibabel as nib
+
+    from wholebody.sample_data import real_ct, real_label_map
+
+    image = real_label_map(NAMES)
+    labels = np.asanyarray(image.dataobj)
+    ct = np.asanyarray(nib.load(real_ct("example_ct_sm")).dataobj)
+    report = q.check_scan(labels, ct, image.affine, NAMES)
+    lateral = [c for s in report.structures for c in s.checks if c.check == "laterality"]
+    assert len(lateral) >= 20 and all(c.status == "pass" for c in lateral)
+    assert {"kidney_left", "kidney_right", "rib_left_9"} <= {c.structure for c in lateral}
+    # a 30-slice crop: organs crossing it are incomplete, the spine and ribs within it have no gap
+    assert next(s for s in report.structures if s.name == "liver").incomplete
+    assert all(c.status != "fail" for c in report.scan_checks if c.check == "neighbours")
+    mirrored = q.check_scan(np.ascontiguousarray(labels[::-1]), np.ascontiguousarray(ct[::-1]), image.affine, NAMES)
+    flipped = [c for s in mirrored.structures for c in s.checks if c.check == "laterality"]
+    assert all(c.status == "fail" for c in flipped) and mirrored.held
