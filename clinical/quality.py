@@ -425,7 +425,7 @@ def check_scan(
             reference = None if name in PAIR_ONLY_LATERALITY else midline_x
             checks.insert(2, check_laterality(name, float(centroids[name][0]), reference,
                                               None if other is None else float(other[0])))
-    real = values >= PADDING_BELOW_HU  # padding left out of the HU range (PixelPaddingValue is below it too)
+    real = values >= PADDING_BELOW_HU  # the client's padding rule: below -2000 HU is not a CT number
     if padded_fraction is None:
         padded_fraction = 1.0 - float(np.count_nonzero(real)) / max(values.size, 1)
     low = float(np.min(values, where=real, initial=values.max())) if real.any() else 0.0
