@@ -131,7 +131,8 @@ def make_measurement_report(
     by_name = {s.name: s for s in (quality.structures if quality is not None else [])}
     algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=algorithm_version)
     ct_series = hd.sr.SourceSeriesForSegmentation(str(source[0].SeriesInstanceUID))
-    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+                 | hd.sr.MeasurementsAndQualitativeEvaluations] = []
     for row in rows:
         structure = st.structures()[row.label]
         measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=row.volume_ml, unit=ML, algorithm_id=algorithm)]

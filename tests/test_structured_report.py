@@ -131,7 +131,8 @@ def test_sr_conforms_and_reads_back_equal(series: DicomSeries, tmp_path: Path, e
         mean = items[("112031", "373098007")]
         assert (mean["units"]["CodeValue"], float(mean["value"])) == ("[hnsf'U]", pytest.approx(row.mean_hu))
         evaluations = {e["conceptCode"]["CodeValue"]: e["conceptValue"]["CodeMeaning"]
-                       for e in group["qualitativeEvaluations"] if e["conceptCode"]["CodingSchemeDesignator"] == "99WBQC"}
+                       for e in group["qualitativeEvaluations"]
+                       if e["conceptCode"]["CodingSchemeDesignator"] == srm.QC_SCHEME}
         assert evaluations == {check: "Yes" if failed else "No"
                                for check, failed in structures_back[name].evaluations.items()}
     # the private scheme is declared
@@ -208,8 +209,9 @@ def test_client_quality_checks_and_sr_end_to_end(
             assert back.seg_sop_instance_uid == seg.SOPInstanceUID and back.segment_number == numbers[name]
             assert back.measurements["volume_ml"] == pytest.approx(stats[name]["volume_ml"], rel=1e-9)
             assert back.measurements["mean_hu"] == pytest.approx(stats[name]["mean_hu"], rel=1e-9)
-            assert back.evaluations == {c["check"]: c["status"] == "fail"
-                                        for c in quality["structures"][name]["checks"] if c["status"] != "not_applicable"}
+            checks = quality["structures"][name]["checks"]
+            assert back.evaluations == {c["check"]: c["status"] == "fail" for c in checks
+                                        if c["status"] != "not_applicable"}
         assert scan["held"] is True and scan["hu_range"] is True
         errors = dciodvfy_errors(Path(f"{base}_seg_sr.dcm"))  # the default LABELMAP SEG: see LABELMAP_DCIODVFY_ERROR
         assert all(LABELMAP_DCIODVFY_ERROR in e for e in errors), errors
