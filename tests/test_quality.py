@@ -241,3 +241,29 @@ def test_real_segmentation_sides_and_a_mirrored_one() -> None:
     mirrored = q.check_scan(np.ascontiguousarray(labels[::-1]), np.ascontiguousarray(ct[::-1]), image.affine, NAMES)
     flipped = [c for s in mirrored.structures for c in s.checks if c.check == "laterality"]
     assert all(c.status == "fail" for c in flipped) and mirrored.held
+
+
+def test_quality_writer_on_a_nifti_scan(tmp_path: Path) -> None:
+    """The client's writer (client.outputs.QualityWriter) on a NIfTI scan as the cohort reads it: the padding
+    the reader measured (here: none set to air, 20 % below -2000 HU) is the padded share judged."""
+    import nibabel as nib
+
+    from client.inputs import NiftiFormat, discover, measure_padding
+    from client.outputs import QualityWriter, make_writers
+
+    labels, ct = phantom()
+    ct[:, :, :12] = -3024  # 12 of 60 slices padded
+    nib.save(nib.Nifti1Image(ct, AFFINE), tmp_path / "ct.nii.gz")
+    scan, = discover([tmp_path / "ct.nii.gz"], (NiftiFormat(),)).scans
+    volume = scan.read_volume()
+    measure_padding(volume)
+    writer, = [w for w in make_writers(["nifti"], quality=True, quality_policy=q.QualityPolicy.parse(
+        "padding=hold")) if isinstance(w, QualityWriter)]
+    writer.write(labels, volume, tmp_path / "ct_quality.json")
+    data = json.loads((tmp_path / "ct_quality.json").read_text())
+    padding = next(c for c in data["scan"] if c["check"] == "padding")
+    assert padding["values"]["padded_percent"] == 20.0 and padding["status"] == "pass"  # limit 50 %
+    assert writer.manifest_summary(labels, volume) == {"held": False, "marked": [], "failed": {}, "failures": {},
+                                                       "incomplete": []}
+    with pytest.raises(ValueError, match="SR references the DICOM-SEG"):
+        make_writers(["nifti"], sr=True)
