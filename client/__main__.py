@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from client.cohort import MANIFEST_NAME, CohortLocked, CohortOptions, CohortSummary, Record, run_cohort
 from client.inputs import DicomFormat, Discovery, NiftiFormat, discover
 from client.outputs import (OUTPUT_TYPES, DicomSegWriter, NiftiLabelMapWriter, OutputError, OutputWriter,
-                            check_output_dir, make_writers, plan_outputs)
+                            QualityWriter, StructuredReportWriter, check_output_dir, make_writers, plan_outputs)
 from client.segmentation_client import SegmentationClient, SegmentationError
 from clinical import structures
 from clinical.seg_encodings import DEFAULT_ENCODING, ENCODINGS
@@ -51,6 +51,10 @@ Outputs, statistics, structure subsets, previews:
         # ct_seg.nii.gz, ct_seg.seg.nrrd (3D Slicer), ct_statistics.json/.csv, ct_preview.png
   python -m client ct.nii.gz --roi-subset liver spleen kidney_left kidney_right --statistics
         # every output and the statistics keep only these structures
+Quality checks and DICOM SR (docs/quality-and-reports.md):
+  python -m client study/ -o labels/ --quality-checks --quality-policy incomplete=mark,laterality=hold
+        # labels/study/series3_quality.json, and the verdict in the manifest's "quality"
+  python -m client study/ -o labels/ --sr   # series3_seg.dcm and its TID 1500 SR series3_seg_sr.dcm
 PACS (DICOMweb: QIDO-RS/WADO-RS to pull, STOW-RS to store):
   python -m client --dicomweb http://pacs:8042/dicom-web --study 1.2.3.4 --store-seg -o labels/
         # pulls the study's CT series into a temporary folder (removed afterwards), segments each,
@@ -81,7 +85,8 @@ made from another input (another cohort with the same layout) or of unknown orig
 that scan fails with one line (--overwrite replaces it). One run at a time per -o folder: a second is
 refused with a line naming the first. Every scan's outcome is appended to -o/{MANIFEST_NAME} (JSON
 lines: input, input_sha256, series_uid, outputs, model, resolution, network, status
-done/skipped/failed, server, seconds, error, padded_percent, missing_outputs). An output that cannot
+done/skipped/failed, server, seconds, error, padded_percent, missing_outputs, quality: the
+verdict of --quality-checks). An output that cannot
 be made for one scan (a DICOM-SEG of a series without UIDs: refused before its request) is named in
 one line; the scan's other outputs are written and it counts as done, without all outputs (exit 1);
 names, paths and folders of every output are checked before any request (too long, not writable:
@@ -156,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only these structures (names as in clinical/structures.json, space- or comma-separated) in "
         "every output and the statistics",
     )
+    outputs.add_argument(
+        "--quality-checks", action="store_true",
+        help="check each result (structure cut by the scan, fragments, laterality, volume against cited normal "
+        "ranges, gaps in spine and ribs, HU range, padding): <name>_quality.json and a summary in the manifest",
+    )
+    outputs.add_argument(
+        "--quality-policy", metavar="CHECK=ACTION,...",
+        help="what a failed check does, hold | mark | report, e.g. incomplete=mark,laterality=hold (implies "
+        "--quality-checks; the defaults: docs/quality-and-reports.md); a held result is not stored with --store-seg",
+    )
+    outputs.add_argument(
+        "--sr", action="store_true",
+        help="a DICOM SR (TID 1500) with each structure's volume and HU statistics and the quality checks, "
+        "referencing the DICOM-SEG (implies dicom-seg; DICOM inputs only): <name>_seg_sr.dcm; stored with --store-seg",
+    )
     outputs.add_argument("--preview", action="store_true",
                          help="<name>_preview.png: three orthogonal CT slices with the labels overlaid")
     dicom = parser.add_argument_group("DICOM and PACS")
@@ -205,13 +225,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dicomweb and not args.inputs:
         parser.error("give input paths, or --dicomweb URL --study UID")
     output_types = [t.strip().lower() for t in args.output_type.split(",") if t.strip()]
-    if args.store_seg and "dicom-seg" not in output_types:
+    if (args.store_seg or args.sr) and "dicom-seg" not in output_types:
         output_types.append("dicom-seg")
+    policy = None
+    if args.quality_policy is not None:
+        from clinical.quality import QualityPolicy
+
+        try:
+            policy = QualityPolicy.parse(args.quality_policy)
+        except ValueError as exc:
+            parser.error(f"--quality-policy: {exc}")
+        args.quality_checks = True
     if args.seg_encoding and "dicom-seg" not in output_types:
         parser.error("--seg-encoding is for DICOM-SEG outputs: add --output-type dicom-seg (or --store-seg)")
     try:
         writers = make_writers(output_types, statistics=args.statistics, preview=args.preview,
-                               seg_encoding=args.seg_encoding or DEFAULT_ENCODING)
+                               seg_encoding=args.seg_encoding or DEFAULT_ENCODING, quality=args.quality_checks,
+                               quality_policy=policy, sr=args.sr)
     except ValueError as exc:
         parser.error(str(exc))
     label_filter = None
@@ -393,6 +423,8 @@ def _recipe(args: argparse.Namespace, writers: list[OutputWriter]) -> dict[str, 
     recipe: dict[str, object] = {"roi_subset": subset}
     if any(isinstance(w, DicomSegWriter) for w in writers):
         recipe["seg_encoding"] = args.seg_encoding or DEFAULT_ENCODING
+    if any(isinstance(w, (QualityWriter, StructuredReportWriter)) for w in writers):
+        recipe["quality_policy"] = args.quality_policy or "default"  # the verdict written depends on it
     return recipe
 
 
@@ -421,22 +453,40 @@ def _sigterm_as_interrupt() -> Iterator[_Signals]:
 
 
 def _store_segs(url: str, summary: CohortSummary, writers: list[OutputWriter]) -> int:
-    """STOW-RS the DICOM-SEG of every scan segmented or skipped (a SEG stored again keeps its SOP Instance
-    UID, so a rerun completes an interrupted store without duplicates). Returns the number that failed."""
+    """STOW-RS the DICOM-SEG (and the SR, with --sr) of every scan segmented or skipped (a SEG stored again
+    keeps its SOP Instance UID, so a rerun completes an interrupted store without duplicates), except those
+    whose quality checks hold them back (one line each). Returns the number that failed."""
     from clinical.dicomweb import DicomWebError, store
 
-    index = next(i for i, w in enumerate(writers) if isinstance(w, DicomSegWriter))
-    failed = stored = 0
+    indices = [i for i, w in enumerate(writers) if isinstance(w, (DicomSegWriter, StructuredReportWriter))]
+    checked = any(isinstance(w, (QualityWriter, StructuredReportWriter)) for w in writers)
+    failed = stored = held = 0
     for record in summary.records:
-        if record.status not in ("done", "skipped") or record.outputs[index] in (record.missing_outputs or []):
+        if record.status not in ("done", "skipped"):
+            continue
+        if checked and record.quality is None:  # checks asked for but not made: never store unchecked
+            log.error("error: %s: its quality checks could not be made (%s): not stored", record.input,
+                      record.error or "no verdict recorded")
+            failed += 1
+            continue
+        if record.quality is not None and record.quality.get("held"):
+            log.error("%s: held back by the quality policy (failed: %s): not stored; see its _quality.json",
+                      f"series {record.series_uid}" if record.series_uid else record.input,
+                      ", ".join(sorted(record.quality.get("failed", {}))))
+            held += 1
+            continue
+        files = [record.outputs[i] for i in indices if record.outputs[i] not in (record.missing_outputs or [])]
+        if not files:
             continue  # not made: its line was given
         try:
-            store(url, [record.outputs[index]])
+            store(url, files)
             stored += 1
         except DicomWebError as exc:
-            log.error("error: %s: storing %s: %s", record.input, record.outputs[index], exc)
+            log.error("error: %s: storing %s: %s", record.input, ", ".join(files), exc)
             failed += 1
-    print(f"stored {stored} DICOM-SEG{'s' if stored != 1 else ''} on {url}", file=sys.stdout)
+    kinds = "DICOM-SEG" + (" and SR" if any(isinstance(w, StructuredReportWriter) for w in writers) else "")
+    print(f"stored the {kinds} of {stored} scan{'s' if stored != 1 else ''} on {url}"
+          + (f"; {held} held back by the quality checks" if held else ""), file=sys.stdout)
     return failed
 
 

@@ -142,6 +142,8 @@ class Record:
     recipe: dict[str, Any] | None = None  # CohortOptions.recipe plus padding_to_air, as the outputs were made
     # each output as written: {path relative to the output folder: SHA-256 of its bytes}
     output_sha256: dict[str, str] | None = None
+    # with quality checks: clinical.quality.QualityReport.to_manifest() (held, marked, failed, ...)
+    quality: dict[str, Any] | None = None
     label_counts: dict[int, int] | None = field(default=None, repr=False)  # not in the manifest
 
     def to_json(self) -> str:
@@ -700,6 +702,11 @@ class _Run:
             self.settle(item, "failed", server=finished.server, seconds=round(finished.seconds, 3),
                         error=f"{item.scan.label}: " + "; ".join(missing[i] for i in sorted(missing)))
             return
+        quality = None
+        for index, writer in enumerate(self.writers):
+            summary = getattr(writer, "manifest_summary", None)  # the quality checks' verdict, for the manifest
+            if summary is not None and index not in missing:
+                quality = summary(finished.label_map, item.volume)
         counts = None
         if self.options.counts:
             values = voxel_counts(finished.label_map)
@@ -714,7 +721,7 @@ class _Run:
         try:
             self.settle(
                 item, "done", server=finished.server, seconds=round(finished.seconds, 3), output_sha256=hashes,
-                write_seconds=round(time.perf_counter() - start, 3), label_counts=counts,
+                write_seconds=round(time.perf_counter() - start, 3), label_counts=counts, quality=quality,
                 error=f"{item.scan.label}: " + "; ".join(missing[i] for i in sorted(missing)) if missing else None,
                 missing_outputs=[str(item.outputs[i]) for i in sorted(missing)] or None,
             )
@@ -891,7 +898,8 @@ def _sort_out(run: _Run, plan: dict[Scan, list[Path]], options: CohortOptions) -
             keys = [output_key(p, options.output_dir) for p in outputs]
             hashes = {k: origins[k]["output_sha256"][k] for k in keys}  # each checked by _resume_decision
             run.record(item, "skipped", model=origin.get("model"), resolution=origin.get("resolution"),
-                       network=origin.get("network"), recipe=origin.get("recipe"), output_sha256=hashes)
+                       network=origin.get("network"), recipe=origin.get("recipe"), output_sha256=hashes,
+                       quality=origin.get("quality"))
         elif decision == "refuse":
             run.record(item, "failed", error=why)
         else:

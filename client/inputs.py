@@ -87,6 +87,7 @@ class Volume:
     like: nib.Nifti1Image | nib.Nifti2Image
     source_datasets: list[Dataset] | None = None
     padding_hu: list[tuple[float, float] | None] | None = None
+    padded_voxels: int | None = None  # set by measure_padding: the padding it found (before any to_air)
 
     def adopt(self, array: np.ndarray) -> None:
         """Hold `array`, the same voxels kept elsewhere (a client's shared-memory region, C order), instead
@@ -104,7 +105,8 @@ def measure_padding(volume: Volume, to_air: bool = False) -> int:
     Padding is, per Z slice, the HU range of the slice's PixelPaddingValue where the DICOM series gives
     one (`Volume.padding_hu`), else every voxel below PADDING_BELOW_HU (-2000 HU). The array keeps its
     dtype (int16 or float32); the comparison is made in that dtype, so the padding value the reader
-    computed as slope x stored + intercept is matched exactly.
+    computed as slope x stored + intercept is matched exactly. The count is also kept in
+    `volume.padded_voxels` (the quality checks' padded share, after the voxels were set to air).
     """
     array = volume.array
     ranges = volume.padding_hu or [None] * array.shape[2]
@@ -121,6 +123,7 @@ def measure_padding(volume: Volume, to_air: bool = False) -> int:
         if found and to_air:
             plane[mask] = AIR_HU
         count += found
+    volume.padded_voxels = count
     return count
 
 

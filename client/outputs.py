@@ -3,6 +3,8 @@
 An output type is an `OutputWriter`: it names its file for a scan and writes it from the label map
 and the scan's `Volume`: the NIfTI label map, a DICOM-SEG (DICOM inputs), a Slicer .seg.nrrd, the
 per-structure statistics (JSON and CSV: two writers sharing one computation) and a preview PNG.
+With quality checks, `<name>_quality.json` (`clinical.quality`; its summary goes into the manifest
+record) and with `sr`, a DICOM SR (`clinical.structured_report`) next to the DICOM-SEG it references.
 The formats themselves live in `clinical/`; the writers here only name files and pass arrays.
 Structure names, colours and codes come from `clinical.structures` (the server's `label_names` are
 checked against them once per run by the CLI). Every file is written under a hidden temporary name
@@ -34,6 +36,7 @@ from wholebody import atomic
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
+    from clinical.quality import QualityPolicy, QualityReport
     from clinical.statistics import StructureStatistics
 
 OUTPUT_TYPES = ("nifti", "dicom-seg", "seg-nrrd")  # label-map outputs; --output-type
@@ -220,6 +223,90 @@ class StatisticsWriter:
                          csv_path=path if self.kind == "csv" else None)
 
 
+class QualityTable:
+    """The quality report of the latest label map (`clinical.quality.check_scan` under `policy`), computed
+    once for the quality JSON, the SR and the manifest, from the statistics of `statistics` (one computation)."""
+
+    def __init__(self, policy: QualityPolicy | None, statistics: StatisticsTable) -> None:
+        self.policy, self.statistics = policy, statistics
+        self._key: tuple[int, int] | None = None
+        self._report: QualityReport | None = None
+
+    def report(self, label_map: np.ndarray, volume: Volume) -> QualityReport:
+        key = (id(label_map), id(volume))
+        if key != self._key or self._report is None:
+            from clinical.quality import check_scan
+
+            padded = (None if volume.padded_voxels is None
+                      else volume.padded_voxels / max(volume.array.size, 1))
+            self._report = check_scan(label_map, volume.array, volume.affine, structures.label_names(),
+                                      policy=self.policy, padded_fraction=padded,
+                                      statistics=self.statistics.rows(label_map, volume))
+            self._key = key
+        return self._report
+
+
+@dataclass(frozen=True)
+class QualityWriter:
+    """`<name>_quality.json`: every quality check of the result and the policy's verdict (`clinical.quality`);
+    `manifest_summary` gives the cohort manifest its short form (`QualityReport.to_manifest`)."""
+
+    table: QualityTable
+
+    def output_name(self, scan: Scan, suffix: str) -> str:
+        return f"{scan.relative.name}_quality.json"
+
+    def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        from clinical.quality import write_quality_json
+
+        write_quality_json(self.table.report(label_map, volume), path)
+
+    def manifest_summary(self, label_map: np.ndarray, volume: Volume) -> dict[str, object]:
+        return self.table.report(label_map, volume).to_manifest()
+
+
+SR_SUFFIX = "_sr.dcm"  # the SR of `<name><suffix>.dcm` (the SEG) is `<name><suffix>_sr.dcm`, beside it
+
+
+@dataclass(frozen=True)
+class StructuredReportWriter:
+    """A DICOM SR (TID 1500, `clinical.structured_report`) of the volume and HU statistics of each structure,
+    with the quality checks as qualitative evaluations, referencing the scan's DICOM-SEG: the SEG written just
+    before it by `DicomSegWriter` into the same folder (`<name><suffix>.dcm`; this file is
+    `<name><suffix>_sr.dcm`). Only for DICOM scans, and only with the DICOM-SEG output."""
+
+    table: QualityTable
+
+    def output_name(self, scan: Scan, suffix: str) -> str:
+        return f"{scan.relative.name}{suffix}{SR_SUFFIX}"
+
+    def refusal(self, volume: Volume) -> str | None:
+        return DicomSegWriter().refusal(volume)  # what refuses its SEG refuses it
+
+    def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        import pydicom
+
+        from clinical.structured_report import make_measurement_report, write_measurement_report
+
+        seg_path = seg_path_of(path)
+        if volume.source_datasets is None or not seg_path.is_file():
+            raise ValueError(f"the SR references the DICOM-SEG {seg_path.name}, which was not written")
+        seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+        sr = make_measurement_report(seg, volume.source_datasets, label_map, volume.array, volume.affine,
+                                     self.table.report(label_map, volume),
+                                     statistics=self.table.statistics.rows(label_map, volume))
+        write_measurement_report(sr, path)
+
+    def manifest_summary(self, label_map: np.ndarray, volume: Volume) -> dict[str, object]:
+        """The verdict its qualitative evaluations carry, for the manifest (also without --quality-checks)."""
+        return self.table.report(label_map, volume).to_manifest()
+
+
+def seg_path_of(sr_path: Path) -> Path:
+    """The DICOM-SEG an SR output refers to: `x_seg_sr.dcm` -> `x_seg.dcm`."""
+    return sr_path.with_name(sr_path.name[: -len(SR_SUFFIX)] + ".dcm")
+
+
 @dataclass(frozen=True)
 class PreviewWriter:
     """A PNG of three orthogonal CT slices with the labels in their colours (`clinical.preview`)."""
@@ -234,9 +321,12 @@ class PreviewWriter:
 
 
 def make_writers(output_types: Sequence[str] = ("nifti",), statistics: bool = False,
-                 preview: bool = False, seg_encoding: str = DEFAULT_ENCODING) -> list[OutputWriter]:
+                 preview: bool = False, seg_encoding: str = DEFAULT_ENCODING, quality: bool = False,
+                 quality_policy: QualityPolicy | None = None, sr: bool = False) -> list[OutputWriter]:
     """The writers for `output_types` (a subset of OUTPUT_TYPES, in that order) and the extras; the
-    DICOM-SEG in `seg_encoding` (a name of `clinical.seg_encodings.ENCODINGS`).
+    DICOM-SEG in `seg_encoding` (a name of `clinical.seg_encodings.ENCODINGS`); with `quality` the quality
+    JSON under `quality_policy` (default: clinical.quality.DEFAULT_ACTIONS); with `sr` the SR after the
+    DICOM-SEG (`sr` needs "dicom-seg" in `output_types`).
 
     Raises ValueError naming the valid types for an unknown one or an unknown encoding, or when
     nothing would be written.
@@ -249,9 +339,16 @@ def make_writers(output_types: Sequence[str] = ("nifti",), statistics: bool = Fa
     by_type: dict[str, OutputWriter] = {
         "nifti": NiftiLabelMapWriter(), "dicom-seg": DicomSegWriter(seg_encoding), "seg-nrrd": SegNrrdWriter()}
     writers = [by_type[t] for t in OUTPUT_TYPES if t in output_types]
+    if sr and "dicom-seg" not in output_types:
+        raise ValueError("an SR references the DICOM-SEG: add dicom-seg to the output types")
+    table = StatisticsTable()
+    checks = QualityTable(quality_policy, table)
+    if sr:
+        writers.insert(writers.index(by_type["dicom-seg"]) + 1, StructuredReportWriter(checks))
     if statistics:
-        table = StatisticsTable()
         writers += [StatisticsWriter(table, "json"), StatisticsWriter(table, "csv")]
+    if quality:
+        writers.append(QualityWriter(checks))
     if preview:
         writers.append(PreviewWriter())
     if not writers:
