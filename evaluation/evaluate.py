@@ -517,10 +517,14 @@ def plot_png(result: EvaluationResult) -> bytes:
         if not rows:
             continue
         positions = [y + offset for y, _ in rows]
-        ax.boxplot([v for _, v in rows], positions=positions, vert=False, widths=width * 0.8, showfliers=False,
-                   patch_artist=True, boxprops={"facecolor": (*colors[i % 10], 0.25), "edgecolor": colors[i % 10]},
-                   medianprops={"color": colors[i % 10]}, whiskerprops={"color": colors[i % 10]},
-                   capprops={"color": colors[i % 10]}, manage_ticks=False)
+        style = {"positions": positions, "widths": width * 0.8, "showfliers": False, "patch_artist": True,
+                 "boxprops": {"facecolor": (*colors[i % 10], 0.25), "edgecolor": colors[i % 10]},
+                 "medianprops": {"color": colors[i % 10]}, "whiskerprops": {"color": colors[i % 10]},
+                 "capprops": {"color": colors[i % 10]}, "manage_ticks": False}
+        try:  # matplotlib >= 3.10 names it orientation; `vert` is deprecated from 3.11
+            ax.boxplot([v for _, v in rows], orientation="horizontal", **style)
+        except TypeError:
+            ax.boxplot([v for _, v in rows], vert=False, **style)
         for pos, (_, v) in zip(positions, rows):
             ax.scatter(v, pos + rng.uniform(-width * 0.3, width * 0.3, len(v)), s=6, color=colors[i % 10], alpha=0.7,
                        linewidths=0, label=None)
