@@ -193,10 +193,11 @@ def score_scan(prediction: Path, truth: Path, options: EvaluationOptions) -> lis
 
 def _folder_prediction(folder: Path, pair: Pair) -> Path | None:
     """The prediction of `pair` in a folder made elsewhere: `<case>_seg.nii.gz` or `<image name>_seg.nii.gz`
-    (python -m client's name), or `<case>.nii.gz` (nnU-Net's), .nii too; in the folder, else below it."""
+    (python -m client's name), `<case>.nii.gz` (nnU-Net's) or `<image name>_trans.nii.gz` (the MONAI bundle's
+    own inference, SaveImaged's postfix "trans", in a sub-folder per image), .nii too; in the folder, else below."""
     image_stem = re.sub(r"\.nii(\.gz)?$", "", pair.image.name, flags=re.IGNORECASE)
-    names = [f"{stem}{end}" for stem in dict.fromkeys([f"{pair.case}{SUFFIX}", f"{image_stem}{SUFFIX}", pair.case])
-             for end in (".nii.gz", ".nii")]
+    stems = [f"{pair.case}{SUFFIX}", f"{image_stem}{SUFFIX}", pair.case, f"{image_stem}_trans"]
+    names = [f"{stem}{end}" for stem in dict.fromkeys(stems) for end in (".nii.gz", ".nii")]
     for name in names:
         if (folder / name).is_file():
             return folder / name

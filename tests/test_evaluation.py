@@ -180,7 +180,8 @@ def test_dataset_layouts_and_their_errors(tmp_path: Path) -> None:
 
 def test_evaluate_cli_writes_csv_json_plot_and_a_paired_comparison(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
-    """Predictions made elsewhere (folder= variants): no server; the outputs and the comparison."""
+    """Predictions made elsewhere (folder= variants: the client's names, and the MONAI bundle's float32
+    `<image>/<image>_trans.nii.gz`): no server; the outputs and the comparison."""
     rng = np.random.default_rng(0)
     for case in ("c1", "c2", "c3"):
         truth = np.zeros(SHAPE, np.uint8)
@@ -191,7 +192,8 @@ def test_evaluate_cli_writes_csv_json_plot_and_a_paired_comparison(tmp_path: Pat
         save(truth, tmp_path / "same" / f"{case}_seg.nii.gz")
         worse = truth.copy()
         worse[2 + rng.integers(0, 3), :, :] = 0  # drop one slice of the liver and spleen
-        save(worse, tmp_path / "worse" / f"{case}.nii.gz")
+        # as the MONAI bundle's own inference writes it: a folder per image, float32 labels
+        save(worse.astype(np.float32), tmp_path / "worse" / case / f"{case}_trans.nii.gz")
     out = tmp_path / "eval"
     code = main(["evaluate", str(tmp_path / "ds"), "-o", str(out), "-q",
                  "--compare", f"folder={tmp_path / 'same'},name=same", f"folder={tmp_path / 'worse'},name=worse"])
