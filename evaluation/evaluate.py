@@ -40,6 +40,7 @@ from client.inputs import discover
 from client.outputs import NiftiLabelMapWriter, atomic_write, plan_outputs
 from clinical import structures
 from evaluation.datasets import Pair
+from evaluation.merge import same_grid
 from evaluation.metrics import CASES, DEFAULT_TOLERANCE_MM, StructureScore, score_label_maps
 from wholebody.contract import RESOLUTIONS, VARIANTS
 
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions"
 SUFFIX = "_seg"  # the client's default output suffix
-AFFINE_TOLERANCE_MM = 1e-3
 VARIANT_KEYS = ("network", "url", "resolution", "folder", "name")
 
 
@@ -180,8 +180,7 @@ def score_scan(prediction: Path, truth: Path, options: EvaluationOptions) -> lis
         EvaluationError: a file unreadable or not a label map, or the two grids differ (shape or affine).
     """
     truth_image, predicted_image = read_label_map(truth), read_label_map(prediction)
-    if tuple(truth_image.shape) != tuple(predicted_image.shape) or not np.allclose(
-            truth_image.affine, predicted_image.affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+    if not same_grid(truth_image, predicted_image):
         raise EvaluationError(
             f"{truth}: grid {list(truth_image.shape)} / affine {np.round(truth_image.affine[:3], 3).tolist()} differs "
             f"from the prediction's {list(predicted_image.shape)} / {np.round(predicted_image.affine[:3], 3).tolist()} "

@@ -126,7 +126,8 @@ class _Mask:
     voxels: int
 
 
-def _same_grid(image: nib.Nifti1Image, ct: nib.Nifti1Image) -> bool:
+def same_grid(image: nib.Nifti1Image, ct: nib.Nifti1Image) -> bool:
+    """Whether two images share one voxel grid: equal shapes, affines equal to AFFINE_TOLERANCE_MM."""
     return tuple(image.shape) == tuple(ct.shape) and np.allclose(image.affine, ct.affine, rtol=0,
                                                                   atol=AFFINE_TOLERANCE_MM)
 
@@ -136,7 +137,7 @@ def _read_mask(path: Path, label: int, ct: nib.Nifti1Image) -> _Mask:
         image = nib.load(path)
     except Exception as exc:  # nibabel raises many types for unreadable files
         raise MergeError(f"{path}: cannot be read as NIfTI ({exc}); replace the file") from None
-    if not _same_grid(image, ct):
+    if not same_grid(image, ct):
         raise MergeError(
             f"{path}: grid {list(image.shape)} / affine {np.round(image.affine[:3], 3).tolist()} differs from "
             f"{ct.get_filename()}'s {list(ct.shape)} / {np.round(ct.affine[:3], 3).tolist()}; resample the mask onto "

@@ -266,3 +266,25 @@ def test_ground_truth_equal_to_the_served_result_scores_dice_one(server, small_r
                               EvaluationOptions())
     assert result.segmented == 0 and result.scans[0].error is None
     assert compare(result, result)["mean_difference"] == 0.0
+
+
+def test_evaluate_names_a_ground_truth_on_another_grid_or_out_of_range_and_scores_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
+    truth = box_mask((2, 2, 2), (5, 5, 5)) * LABEL["liver"]
+    for case in ("good", "shifted", "foreign"):
+        save(np.full(SHAPE, -1000, np.int16), tmp_path / "ds" / "imagesTr" / f"{case}.nii.gz")
+        save(truth, tmp_path / "pred" / f"{case}_seg.nii.gz")
+    save(truth, tmp_path / "ds" / "labelsTr" / "good.nii.gz")
+    shifted = AFFINE.copy()
+    shifted[2, 3] = 4.0
+    save(truth, tmp_path / "ds" / "labelsTr" / "shifted.nii.gz", shifted)
+    save((truth > 0).astype(np.int16) * 117, tmp_path / "ds" / "labelsTr" / "foreign.nii.gz")  # v2 numbering
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tmp_path / "ds"), "-o", str(out), "-q", "--predictions", str(tmp_path / "pred")]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("shifted.nii.gz: grid" in e and "its image's grid" in e for e in errors)
+    assert any("foreign.nii.gz: labels 0..117 outside the bundle's 0..104" in e for e in errors)
+    document = json.loads((out / "evaluation.json").read_text())
+    (variant,) = document["variants"]
+    assert (variant["scored"], variant["failed"], variant["mean_dice"]) == (1, 2, 1.0)
+    assert "predictions" in capsys.readouterr().out
