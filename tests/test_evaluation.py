@@ -288,3 +288,22 @@ def test_evaluate_names_a_ground_truth_on_another_grid_or_out_of_range_and_score
     (variant,) = document["variants"]
     assert (variant["scored"], variant["failed"], variant["mean_dice"]) == (1, 2, 1.0)
     assert "predictions" in capsys.readouterr().out
+
+
+def test_merge_of_a_real_totalsegmentator_v2_output(tmp_path: Path) -> None:
+    """TotalSegmentator 2.18's own `--fast` result for a real CT (117 masks, v2 names, from its sdist)."""
+    from wholebody.sample_data import real_ct, real_label_map, real_label_masks
+
+    folder = tmp_path / "s_real"
+    folder.mkdir()
+    (folder / "ct.nii.gz").symlink_to(real_ct("example_ct_sm"))
+    (folder / "segmentations").symlink_to(real_label_masks())
+    report = merge_subject(folder, tmp_path / "real.nii.gz", "smaller")
+    table = v2_table()
+    assert set(report.left_out) == set(table["without_v1_label"]) - {"vertebrae_L6"}  # all 20 v2-only structures
+    assert {structures.label_names()[i] for i in report.missing} == set(table["moved_out_of_total"])
+    assert len(report.present) + len(report.empty) == 104 - 7
+    assert report.present and not report.overlaps  # one multilabel split into masks: no overlaps
+    merged = np.asanyarray(nib.load(tmp_path / "real.nii.gz").dataobj)
+    expected = np.asarray(real_label_map(structures.label_names()).dataobj)
+    assert np.array_equal(merged, expected)
