@@ -476,7 +476,7 @@ def write_outputs(result: EvaluationResult, out_dir: Path) -> dict[str, Path]:
                                "absent": "in neither: NaN, left out of means, counted"}},
         "variants": [{**variant_summary(v, result.options), "variant_spec": asdict(v.variant),
                       "structures": structure_summary(v),
-                      "scans": [{"case": s.case, "image": s.image, "label": s.label, "prediction": s.prediction,
+                      "per_scan": [{"case": s.case, "image": s.image, "label": s.label, "prediction": s.prediction,
                                  "error": s.error, "seconds": s.seconds, "mean_dice": scan_mean_dice(s)}
                                 for s in v.scans]}
                      for v in result.variants],

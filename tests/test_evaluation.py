@@ -209,6 +209,9 @@ def test_evaluate_cli_writes_csv_json_plot_and_a_paired_comparison(tmp_path: Pat
     document = json.loads((out / "evaluation.json").read_text())
     assert [v["variant"] for v in document["variants"]] == ["same", "worse"]
     assert document["variants"][0]["mean_dice"] == 1.0 and document["variants"][0]["absent"] == 3 * 102
+    assert document["variants"][1]["scans"] == 3 and [s["case"] for s in document["variants"][1]["per_scan"]] == [
+        "c1", "c2", "c3"]
+    assert document["variants"][1]["per_scan"][0]["prediction"].endswith("c1_trans.nii.gz")
     comparison = document["comparison"]
     assert comparison["scans"] == 3 and comparison["mean_difference"] < 0
     assert {r["structure"] for r in comparison["structures"]} == {"liver", "spleen"}
