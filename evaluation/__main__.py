@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--nsd-tolerance", type=float, default=3.0, metavar="MM",
                     help="normalised surface Dice tolerance in mm (default 3, TotalSegmentator's)")
     ev.add_argument("--jobs", type=int, default=1, help="requests in flight per server (default 1)")
+    ev.add_argument("--score-workers", type=int, default=1, metavar="N",
+                    help="scans scored at once in N processes (default 1: one thread); a whole-body map takes "
+                         "about a minute of one core, more than a GPU server takes to segment it")
     ev.add_argument("--timeout", type=float, help="seconds per request (default: none)")
     ev.add_argument("--no-shared-memory", dest="shared_memory", action="store_false", default=None,
                     help="send volumes inside gRPC messages even to a server on this host")
@@ -214,8 +217,8 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     if isinstance(labels, str):
         log.error("error: %s", labels)
         return 2
-    if args.jobs < 1 or args.nsd_tolerance <= 0:
-        log.error("error: --jobs must be at least 1 and --nsd-tolerance above 0")
+    if args.jobs < 1 or args.score_workers < 1 or args.nsd_tolerance <= 0:
+        log.error("error: --jobs and --score-workers must be at least 1, --nsd-tolerance above 0")
         return 2
     try:
         pairs = read_dataset(args.dataset)
@@ -240,6 +243,7 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     options = EvaluationOptions(tolerance_mm=args.nsd_tolerance, labels=labels, jobs=args.jobs, timeout_s=args.timeout,
                                 use_shared_memory=args.shared_memory, overwrite=args.overwrite,
+                                score_workers=args.score_workers,
                                 command=" ".join(["python -m evaluation", *argv]))
     results = []
     try:

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,9 @@ class EvaluationOptions:
     overwrite: bool = False  # segment again even when the predictions folder has this input's result
     max_attempts: int = 3
     command: str = ""
+    # scans scored at once: 1 = one thread beside the cohort; N > 1 = N worker processes. A whole-body map
+    # takes about a minute of one core to score (docs/evaluation.md), more than a GPU server takes to segment it
+    score_workers: int = 1
 
 
 @dataclass
@@ -207,56 +210,98 @@ def _folder_prediction(folder: Path, pair: Pair) -> Path | None:
     return None
 
 
-def evaluate_variant(pairs: Sequence[Pair], variant: Variant, out_dir: Path, options: EvaluationOptions,
-                     progress: Callable[[ScanResult], None] | None = None) -> VariantResult:
-    """Segment (unless `variant.folder`) and score every pair; scans are scored as their results arrive.
+class _Scorer:
+    """Scores scans as their predictions arrive, off the caller's thread: one thread (`workers` 1), or
+    `workers` processes (started with "spawn": the cohort's gRPC threads make fork unsafe), each scoring one
+    scan at a time. `submit` and `fail` return at once; `wait` blocks until every scan is settled."""
 
-    Raises:
-        EvaluationError: the images cannot be planned (one not a single scan, outputs colliding).
-        client.cohort.CohortLocked: another run writes the same predictions folder.
-        KeyboardInterrupt: after the requests in flight were cancelled.
-    """
-    start = time.monotonic()
-    results: dict[str, ScanResult] = {p.case: ScanResult(p.case, str(p.image), str(p.label), None) for p in pairs}
-    by_case = {p.case: p for p in pairs}
-    lock = threading.Lock()
+    def __init__(self, pairs: Sequence[Pair], options: EvaluationOptions,
+                 progress: Callable[[ScanResult], None] | None) -> None:
+        self.results = {p.case: ScanResult(p.case, str(p.image), str(p.label), None) for p in pairs}
+        self.labels = {p.case: p.label for p in pairs}
+        self.options, self.progress = options, progress
+        self.lock = threading.Lock()
+        self.futures: list[Future] = []
+        if options.score_workers > 1:
+            import multiprocessing
 
-    def score(case: str, prediction: Path, seconds: float | None) -> None:
-        result = results[case]
+            self.pool: Executor = ProcessPoolExecutor(options.score_workers,
+                                                      mp_context=multiprocessing.get_context("spawn"))
+        else:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+
+    def submit(self, case: str, prediction: Path, seconds: float | None) -> None:
+        result = self.results[case]
         result.prediction, result.seconds = str(prediction), seconds
+        future = self.pool.submit(score_scan, prediction, self.labels[case], self.options)
+        future.add_done_callback(lambda done: self._settle(case, done))
+        with self.lock:
+            self.futures.append(future)
+
+    def _settle(self, case: str, done: Future) -> None:
+        result = self.results[case]
         try:
-            result.scores = score_scan(prediction, by_case[case].label, options)
+            result.scores = done.result()
         except EvaluationError as exc:
             result.error = str(exc)
         except Exception as exc:  # one scan's failure must not cost the others; the line names it
             log.debug("scoring %s failed", case, exc_info=True)
-            result.error = f"{prediction}: scoring failed: {exc}"
-        if progress is not None:
-            with lock:
-                progress(result)
+            result.error = f"{result.prediction}: scoring failed: {exc}"
+        self._report(result)
 
-    def fail(case: str, error: str) -> None:
-        results[case].error = error
-        if progress is not None:
-            with lock:
-                progress(results[case])
+    def fail(self, case: str, error: str) -> None:
+        self.results[case].error = error
+        self._report(self.results[case])
 
+    def _report(self, result: ScanResult) -> None:
+        if self.progress is not None:
+            with self.lock:
+                self.progress(result)
+
+    def wait(self, cancel: bool = False) -> None:
+        """Block until the scans submitted are settled (`cancel`: those not started are dropped)."""
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+        with self.lock:
+            futures = list(self.futures)
+        for future in futures:  # the done-callbacks have run: futures are settled before shutdown returns
+            future.exception()
+
+
+def evaluate_variant(pairs: Sequence[Pair], variant: Variant, out_dir: Path, options: EvaluationOptions,
+                     progress: Callable[[ScanResult], None] | None = None) -> VariantResult:
+    """Segment (unless `variant.folder`) and score every pair; scans are scored as their results arrive,
+    while the servers segment the next ones (`options.score_workers` at a time).
+
+    Raises:
+        EvaluationError: the images cannot be planned (outputs colliding), or the run stopped.
+        client.cohort.CohortLocked: another run writes the same predictions folder.
+        KeyboardInterrupt: after the requests in flight were cancelled.
+    """
+    start = time.monotonic()
+    scorer = _Scorer(pairs, options, progress)
     segmented = 0
-    if variant.folder is not None:
-        for pair in pairs:
-            prediction = _folder_prediction(variant.folder, pair)
-            if prediction is None:
-                fail(pair.case, f"{variant.folder}: no prediction for {pair.case} ({pair.case}{SUFFIX}.nii.gz or "
-                                f"{pair.case}.nii.gz); segment {pair.image} into it")
-            else:
-                score(pair.case, prediction, None)
-    else:
-        segmented = _segment_and_score(pairs, variant, out_dir / PREDICTIONS / variant.name, options, score, fail)
-    return VariantResult(variant, [results[p.case] for p in pairs], time.monotonic() - start, segmented)
+    try:
+        if variant.folder is not None:
+            for pair in pairs:
+                prediction = _folder_prediction(variant.folder, pair)
+                if prediction is None:
+                    scorer.fail(pair.case, f"{variant.folder}: no prediction for {pair.case} ({pair.case}{SUFFIX}"
+                                           f".nii.gz or {pair.case}.nii.gz); segment {pair.image} into it")
+                else:
+                    scorer.submit(pair.case, prediction, None)
+        else:
+            segmented = _segment(pairs, variant, out_dir / PREDICTIONS / variant.name, options, scorer)
+    except BaseException:
+        scorer.wait(cancel=True)
+        raise
+    scorer.wait()
+    return VariantResult(variant, [scorer.results[p.case] for p in pairs], time.monotonic() - start, segmented)
 
 
-def _segment_and_score(pairs: Sequence[Pair], variant: Variant, pred_dir: Path, options: EvaluationOptions,
-                       score: Callable[[str, Path, float | None], None], fail: Callable[[str, str], None]) -> int:
+def _segment(pairs: Sequence[Pair], variant: Variant, pred_dir: Path, options: EvaluationOptions,
+             scorer: _Scorer) -> int:
+    """Segment the pairs' images through `variant`'s servers with the cohort runner, handing each finished
+    scan to `scorer`. Returns the number of scans segmented (not resumed)."""
     found = discover([p.image for p in pairs])
     case_of = {os.path.realpath(p.image): p.case for p in pairs}
     scans_of: dict[str, list] = {}
@@ -269,8 +314,8 @@ def _segment_and_score(pairs: Sequence[Pair], variant: Variant, pred_dir: Path, 
         got = scans_of.get(pair.case, [])
         if len(got) != 1:
             problem = next((p for p in found.problems if str(pair.image) in p), None)
-            fail(pair.case, problem or f"{pair.image}: {len(got)} CT scans in it; an image must be one CT (a NIfTI "
-                                       "file or a folder of one DICOM series)")
+            scorer.fail(pair.case, problem or f"{pair.image}: {len(got)} CT scans in it; an image must be one CT (a "
+                                              "NIfTI file or a folder of one DICOM series)")
         else:
             scans.append(got[0])
     if not scans:
@@ -285,19 +330,15 @@ def _segment_and_score(pairs: Sequence[Pair], variant: Variant, pred_dir: Path, 
         output_dir=pred_dir, resolution=variant.resolution, network=variant.network, overwrite=options.overwrite,
         jobs=options.jobs, timeout_s=options.timeout_s, use_shared_memory=options.use_shared_memory,
         max_attempts=options.max_attempts, command=options.command)
-    futures: list[Future] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as scorer:
-        def on_record(record: Record) -> None:
-            case = case_of_output[record.outputs[0]]
-            if record.status in ("done", "skipped") and not record.missing_outputs:
-                futures.append(scorer.submit(score, case, Path(record.outputs[0]),
-                                             record.seconds if record.status == "done" else None))
-            else:
-                futures.append(scorer.submit(fail, case, record.error or f"{record.input}: not segmented"))
 
-        summary = run_cohort(plan, list(variant.urls), cohort_options, writers, on_record=on_record)
-    for future in futures:
-        future.result()
+    def on_record(record: Record) -> None:
+        case = case_of_output[record.outputs[0]]
+        if record.status in ("done", "skipped") and not record.missing_outputs:
+            scorer.submit(case, Path(record.outputs[0]), record.seconds if record.status == "done" else None)
+        else:
+            scorer.fail(case, record.error or f"{record.input}: not segmented")
+
+    summary = run_cohort(plan, list(variant.urls), cohort_options, writers, on_record=on_record)
     if summary.stopped is not None:
         raise EvaluationError(f"the run stopped: {summary.stopped}")
     return summary.count("done")

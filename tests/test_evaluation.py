@@ -181,7 +181,7 @@ def test_dataset_layouts_and_their_errors(tmp_path: Path) -> None:
 def test_evaluate_cli_writes_csv_json_plot_and_a_paired_comparison(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     """Predictions made elsewhere (folder= variants: the client's names, and the MONAI bundle's float32
-    `<image>/<image>_trans.nii.gz`): no server; the outputs and the comparison."""
+    `<image>/<image>_trans.nii.gz`): no server; the outputs and the comparison; scored in 2 processes."""
     rng = np.random.default_rng(0)
     for case in ("c1", "c2", "c3"):
         truth = np.zeros(SHAPE, np.uint8)
@@ -195,7 +195,7 @@ def test_evaluate_cli_writes_csv_json_plot_and_a_paired_comparison(tmp_path: Pat
         # as the MONAI bundle's own inference writes it: a folder per image, float32 labels
         save(worse.astype(np.float32), tmp_path / "worse" / case / f"{case}_trans.nii.gz")
     out = tmp_path / "eval"
-    code = main(["evaluate", str(tmp_path / "ds"), "-o", str(out), "-q",
+    code = main(["evaluate", str(tmp_path / "ds"), "-o", str(out), "-q", "--score-workers", "2",
                  "--compare", f"folder={tmp_path / 'same'},name=same", f"folder={tmp_path / 'worse'},name=worse"])
     printed = capsys.readouterr().out
     assert code == 0, printed
