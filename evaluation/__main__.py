@@ -300,7 +300,8 @@ def _print_summary(result: object, summaries: list[dict]) -> None:
     print(f"(mean Dice: mean over structures of their mean over scans; scan Dice: mean over scans; "
           f"NSD at {result.options.tolerance_mm:g} mm)", file=sys.stdout)
     for v in result.variants:
-        worst = sorted((r for r in structure_summary(v) if r["dice_mean"] is not None), key=lambda r: r["dice_mean"])[:5]
+        scored = [r for r in structure_summary(v) if r["dice_mean"] is not None]
+        worst = sorted(scored, key=lambda r: r["dice_mean"])[:5]
         if worst:
             print(f"{v.variant.name}: lowest mean Dice: "
                   + ", ".join(f"{r['structure']} {r['dice_mean']:.3f}" for r in worst), file=sys.stdout)

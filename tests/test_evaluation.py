@@ -233,8 +233,8 @@ def small_real_ct(tmp_path_factory: pytest.TempPathFactory, example_ct: Path) ->
     return path
 
 
-def test_ground_truth_equal_to_the_served_result_scores_dice_one(server, small_real_ct: Path, tmp_path: Path,  # noqa: ANN001
-                                                                 capsys: pytest.CaptureFixture) -> None:
+def test_ground_truth_equal_to_the_served_result_scores_dice_one(
+        server, small_real_ct: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
     from client import SegmentationClient
 
     with SegmentationClient(server.grpc_url) as seg:
