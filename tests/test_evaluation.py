@@ -310,3 +310,21 @@ def test_merge_of_a_real_totalsegmentator_v2_output(tmp_path: Path) -> None:
     merged = np.asanyarray(nib.load(tmp_path / "real.nii.gz").dataobj)
     expected = np.asarray(real_label_map(structures.label_names()).dataobj)
     assert np.array_equal(merged, expected)
+
+
+def test_variant_specs_and_structure_names(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from evaluation.evaluate import EvaluationError
+
+    amp = parse_variant("torch_amp", ["a:8001"], "lowres")
+    assert (amp.name, amp.urls, amp.network, amp.resolution, amp.folder) == ("torch_amp", ("a:8001",), "torch_amp",
+                                                                             "lowres", None)
+    two = parse_variant("url=b:8001,url=c:8001,network=trt_fp16,name=trt", ["a:8001"])
+    assert (two.name, two.urls, two.network) == ("trt", ("b:8001", "c:8001"), "trt_fp16")
+    folder = parse_variant(f"folder={tmp_path}", ["a:8001"], "lowres", "torch_fp32")
+    assert folder.folder == tmp_path and folder.urls == () and folder.network is None
+    for bad, message in (("network=fp64", "unknown network 'fp64'"), ("gpu=1", "unknown key 'gpu'"),
+                         ("resolution=medium", "unknown resolution"), (f"folder={tmp_path / 'none'}", "not a folder")):
+        with pytest.raises(EvaluationError, match=message):
+            parse_variant(bad, ["a:8001"])
+    assert main(["evaluate", str(tmp_path), "-o", str(tmp_path / "o"), "--structures", "livr"]) == 2
+    assert "unknown structure 'livr'; did you mean liver" in caplog.text
