@@ -97,8 +97,11 @@ class MergeReport:
                                    for i in self.missing))
         if self.empty:
             out.append(f"  {len(self.empty)} empty masks: " + ", ".join(names[i] for i in self.empty))
+        reasons: dict[str, list[str]] = {}
         for name, why in sorted(self.left_out.items()):
-            out.append(f"  left out {name}: {why}")
+            reasons.setdefault(why, []).append(name)
+        for why, left in reasons.items():
+            out.append(f"  {len(left)} masks left out ({why}): {', '.join(left)}")
         if self.overlaps:
             total = sum(self.overlaps.values())
             out.append(f"  {len(self.overlaps)} overlapping pairs, {total} voxels, resolved by rule '{self.rule}'"
