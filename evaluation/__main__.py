@@ -81,7 +81,8 @@ examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser (tests/test_docs.py parses the documented commands with it)."""
     parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -125,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `merge` or `evaluate`; returns the exit status (0 ok, 1 some scan/subject failed, 2 bad usage)."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if args.command == "merge":
         return _merge(args)
