@@ -1,0 +1,324 @@
+"""The router (issue 18 item 1): rules, backoff and the state store alone; then the whole flow with real
+parts: dcmtk's storescu pushes a real CT (as a DICOM series) to a real Orthanc, the router (a real
+`python -m router run` process) segments it through the session's real Triton, the SEG appears in that
+Orthanc referencing the study and arrives by C-STORE at a second Orthanc acting as the PACS; a router
+killed with SIGKILL mid-series and started again makes the series' results exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from router.orthanc import Modality, OrthancClient, OrthancNode, free_port
+from router.rules import Rules, RulesError, SeriesFacts, decide, load_rules, rules_from_mapping, tilt_deg
+from router.service import is_permanent, status_table
+from router.state import NewSeries, StateStore, backoff_s
+from wholebody.contract import REPO_ROOT
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+CT = SeriesFacts(modality="CT", description="CT abdomen", slice_thickness_mm=3.0, slices=112, orientation=AXIAL)
+
+
+# --- rules (pure) -------------------------------------------------------------------------------------
+
+
+def test_default_rules_take_an_axial_ct() -> None:
+    assert decide(Rules(), CT).accepted
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"modality": "SEG"}, "modality SEG"),
+    ({"modality": "MR"}, "modality MR"),
+    ({"slices": 5}, "5 slices < min_slices 20"),
+    ({"slice_thickness_mm": 8.0}, "slice thickness 8 mm outside"),
+    ({"slice_thickness_mm": None}, "no SliceThickness"),
+    ({"description": "Topogram 0.6 T20f"}, "description_exclude"),
+    ({"description": "Patient Protocol DOSE"}, "description_exclude"),
+    ({"orientation": (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)}, "not axial"),  # sagittal
+    ({"orientation": None}, "no ImageOrientationPatient"),
+    ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "LOCALIZER"),
+])
+def test_default_rules_refuse_and_say_why(change: dict[str, object], reason: str) -> None:
+    facts = SeriesFacts(**{**CT.__dict__, **change})
+    decision = decide(Rules(), facts)
+    assert not decision.accepted and reason in decision.reason
+
+
+def test_site_rules_body_part_and_description_patterns() -> None:
+    rules = rules_from_mapping({"body_parts": ["abdomen", "chest"], "description_include": ["(?i)abd|thorax"],
+                                "description_exclude": [], "slice_thickness_mm": None, "min_slices": 50})
+    assert decide(rules, SeriesFacts(**{**CT.__dict__, "body_part": "ABDOMEN"})).accepted
+    assert "body part HEAD" in decide(rules, SeriesFacts(**{**CT.__dict__, "body_part": "HEAD"})).reason
+    other = SeriesFacts(**{**CT.__dict__, "body_part": "CHEST", "description": "Lung 1mm"})
+    assert "no description_include" in decide(rules, other).reason
+    assert decide(rules, SeriesFacts(**{**CT.__dict__, "body_part": "CHEST", "slice_thickness_mm": None})).accepted
+    tilted = (1.0, 0.0, 0.0, 0.0, float(np.cos(np.radians(20))), float(np.sin(np.radians(20))))
+    assert round(tilt_deg(tilted)) == 20
+    assert "not axial" in decide(Rules(), SeriesFacts(**{**CT.__dict__, "orientation": tilted})).reason
+    assert decide(rules_from_mapping({"orientation": "any"}), SeriesFacts(**{**CT.__dict__, "orientation": None})).accepted
+
+
+def test_rules_files_yaml_and_json(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text("modalities: [CT]\nslice_thickness_mm: [1, 3]\nmin_slices: 100\n")
+    assert load_rules(tmp_path / "rules.yaml") == Rules(slice_thickness_mm=(1.0, 3.0), min_slices=100)
+    (tmp_path / "rules.json").write_text(json.dumps({"description_exclude": ["(?i)bone"]}))
+    assert load_rules(tmp_path / "rules.json").description_exclude == ("(?i)bone",)
+    assert load_rules(None) == Rules()
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_rules(tmp_path / "empty.yaml") == Rules()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"modality": ["CT"]}', "unknown key(s) modality"),
+    ('{"description_include": ["(unclosed"]}', "not a regular expression"),
+    ('{"slice_thickness_mm": [5, 1]}', "[min, max]"),
+    ('{"min_slices": 0}', "positive integer"),
+    ('{"orientation": "coronal"}', "'axial' or 'any'"),
+    ("[1, 2]", "must be a mapping"),
+    ("{", "not valid JSON"),
+])
+def test_bad_rules_files_are_named_with_the_fix(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "rules.json"
+    path.write_text(content)
+    with pytest.raises(RulesError, match=r"rules\.json") as raised:
+        load_rules(path)
+    assert message in str(raised.value)
+    with pytest.raises(RulesError, match="cannot read"):
+        load_rules(tmp_path / "missing.json")
+
+
+# --- retries and the state store ----------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    assert [backoff_s(a, 30, 900) for a in range(1, 8)] == [30, 60, 120, 240, 480, 900, 900]
+    assert backoff_s(10_000, 1, 5) == 5  # no overflow
+    with pytest.raises(ValueError):
+        backoff_s(0, 30, 900)
+
+
+def test_permanent_errors_fail_at_once_and_server_errors_are_retried() -> None:
+    from client.segmentation_client import SegmentationError
+    from clinical.dicom_series import DicomInputError
+
+    assert is_permanent(DicomInputError("x: uneven slices"))
+    assert is_permanent(SegmentationError("volume too large"))
+    assert not is_permanent(SegmentationError("server down", retryable=True))
+    assert not is_permanent(SegmentationError("timed out after 60 s"))
+    assert not is_permanent(ConnectionError("refused"))
+
+
+def test_state_records_series_with_the_feed_position_once(tmp_path: Path) -> None:
+    with StateStore(tmp_path / "s.sqlite") as store:
+        assert store.last_seq() == 0
+        page = [NewSeries("a", "1.2.1", "1.2", True, "ok"), NewSeries("b", "1.2.2", "1.2", False, "modality SEG")]
+        assert store.record_changes(page, 10, now=100.0) == 2
+        assert store.record_changes([NewSeries("a", "1.2.1", "1.2", True, "ok")], 12, now=101.0) == 0  # seen
+        assert store.last_seq() == 12
+        assert store.counts()["queued"] == 1 and store.counts()["ignored"] == 1
+        # a page whose recording fails leaves neither its rows nor its position
+        with pytest.raises(sqlite3.Error):
+            store.record_changes([NewSeries("c", "", "", True, "ok"), NewSeries("d", object(), "", True, "")], 20)  # type: ignore[arg-type]
+        assert store.last_seq() == 12 and not store.known("c")
+
+
+def test_state_claims_retries_and_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    with StateStore(path) as store:
+        store.record_changes([NewSeries("a", "1", "9", True, "ok"), NewSeries("b", "2", "9", True, "ok")], 5, now=1.0)
+        first = store.claim("w0", now=10.0)
+        assert first is not None and first.orthanc_id == "a" and first.attempts == 1 and first.status == "running"
+        store.retry_later("a", "attempt 1: server down", delay_s=1000.0)
+        second = store.claim("w1")
+        assert second is not None and second.orthanc_id == "b"
+        assert store.claim("w2") is None  # a is not due yet, b is running
+        store.finish("b", "done", "1 result(s) stored", ["1.2.3"], {"segment_s": 1.5})
+        done = store.rows("done")[0]
+        assert done.results == ["1.2.3"] and done.stages == {"segment_s": 1.5}
+        assert "next try in" in status_table(store.rows(), now=time.time())
+    with StateStore(path) as store:  # a router that died with a series running
+        store._db.execute("UPDATE series SET status = 'running', next_try = 0 WHERE orthanc_id = 'a'")
+        assert store.recover() == 1
+        again = store.claim("w0")
+        assert again is not None and again.orthanc_id == "a" and again.attempts == 2
+        store.finish("a", "failed", "gave up")
+        assert store.requeue("a") and not store.requeue("nope")
+        assert store.rows("queued")[0].attempts == 0
+
+
+# --- the whole flow, real parts -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ct_folders(example_ct: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three DICOM series of one study: the real abdomen CT twice (two series UIDs) and a 5-slice crop."""
+    from clinical.dicom_series import write_ct_series
+
+    image = nib.load(example_ct)
+    volume = np.asarray(image.dataobj, dtype=np.int16)
+    root = tmp_path_factory.mktemp("router-ct")
+    study = pydicom.uid.generate_uid()
+    out = {}
+    for name, vol, description in (("first", volume, "CT abdomen"), ("second", volume, "CT abdomen again"),
+                                    ("crop", volume[:, :, 50:55], "CT crop")):
+        write_ct_series(vol, image.affine, root / name, study_uid=study, series_description=description,
+                        patient_id="ROUTER")
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[tuple[OrthancNode, OrthancNode]]:
+    """The router's Orthanc (receives from storescu, forwards to 'pacs') and a second Orthanc as the PACS."""
+    router_dicom = free_port()
+    with OrthancNode(name="pacs", aet="PACS", storage=tmp_path / "pacs" / "storage",
+                     senders={"router": Modality("WHOLEBODY", "127.0.0.1", router_dicom)}) as pacs, \
+         OrthancNode(dicom_port=router_dicom, stable_age_s=2, storage=tmp_path / "node" / "storage",
+                     pacs={"pacs": Modality("PACS", "127.0.0.1", pacs.dicom_port)}) as node:
+        yield node, pacs
+
+
+def storescu(node: OrthancNode, folder: Path, aet: str = "STORESCU") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["storescu", "-aet", aet, "-aec", node.aet, "127.0.0.1", str(node.dicom_port), "+sd",
+                           str(folder)], capture_output=True, text=True, timeout=120, check=False)
+
+
+class RouterProcess:
+    """`python -m router run` as a real process in its own group."""
+
+    def __init__(self, node: OrthancNode, triton_url: str, state_dir: Path, log: Path) -> None:
+        self.args = [sys.executable, "-m", "router", "run", "--orthanc", node.url, "-u", triton_url,
+                     "--pacs", "pacs", "--state-dir", str(state_dir), "--resolution", "lowres",
+                     "--poll-seconds", "0.2", "--backoff-seconds", "1", "--timeout", "600"]
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(self.args, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def kill(self) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                return self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def wait_for(what: str, check: object, timeout_s: float, log: Path | None = None) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()  # type: ignore[operator]
+        if value:
+            return value
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"{what} not within {timeout_s} s\n{tail}")
+
+
+def rows(state_dir: Path) -> dict[str, dict[str, object]]:
+    path = state_dir / "router.sqlite"
+    if not path.exists():
+        return {}
+    with StateStore(path) as store:
+        return {r.series_uid: r.as_dict() for r in store.rows()}
+
+
+def segs(client: OrthancClient, study_uid: str) -> list[dict[str, object]]:
+    """The SEG instances Orthanc holds in the study (their tags)."""
+    found = client._call("POST", "/tools/find", json={"Level": "Instance", "Expand": True, "Query": {
+        "StudyInstanceUID": study_uid, "Modality": "SEG"}}).json()
+    return [client.get_json(f"/instances/{i['ID']}/simplified-tags") for i in found]
+
+
+def series_uid_of(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_pushed_ct_is_segmented_stored_and_forwarded_once_across_a_kill(
+        server: object, nodes: tuple[OrthancNode, OrthancNode], ct_folders: dict[str, Path], tmp_path: Path) -> None:
+    node, pacs = nodes
+    state_dir, log = tmp_path / "state", tmp_path / "router.log"
+    router = RouterProcess(node, server.grpc_url, state_dir, log)  # type: ignore[attr-defined]
+    router.start()
+    try:
+        first, crop = series_uid_of(ct_folders["first"]), series_uid_of(ct_folders["crop"])
+        for name in ("first", "crop"):
+            sent = storescu(node, ct_folders[name])
+            assert sent.returncode == 0, sent.stderr
+        wait_for("the first series done", lambda: rows(state_dir).get(first, {}).get("status") in ("done", "failed"),
+                 300, log)
+        state = rows(state_dir)
+        assert state[first]["status"] == "done", state[first]
+        wait_for("the crop recorded", lambda: crop in rows(state_dir), 30, log)
+        assert rows(state_dir)[crop]["status"] == "ignored" and "5 slices" in str(rows(state_dir)[crop]["message"])
+
+        node_client, pacs_client = OrthancClient(node.url), OrthancClient(pacs.url)
+        study = str(pydicom.dcmread(next(ct_folders["first"].iterdir()), stop_before_pixels=True).StudyInstanceUID)
+        (seg,) = segs(node_client, study)
+        assert seg["SOPInstanceUID"] == state[first]["results"][0]  # type: ignore[index]
+        assert seg["StudyInstanceUID"] == study
+        referenced = seg["ReferencedSeriesSequence"][0]["SeriesInstanceUID"]  # type: ignore[index]
+        assert referenced == first
+        (arrived,) = segs(pacs_client, study)
+        assert arrived["SOPInstanceUID"] == seg["SOPInstanceUID"]
+        # the operator's views: Orthanc metadata, status.json, the status table; the study is kept
+        series_id = str(state[first]["orthanc_id"])
+        assert node_client._call("GET", f"/series/{series_id}/metadata/WholebodyRouterStatus").text == "done"
+        status = json.loads((state_dir / "status.json").read_text())
+        assert status["counts"]["done"] == 1 and status["counts"]["ignored"] >= 1
+        table = subprocess.run([sys.executable, "-m", "router", "status", "--state-dir", str(state_dir)],
+                               cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+        assert first in table and "done" in table
+        assert len(node_client.get_json(f"/series/{series_id}")["Instances"]) == 112
+        # the router's own SEG series came back through the feed and was ignored by the rules
+        wait_for("the SEG series recorded", lambda: sum(r["status"] == "ignored" for r in rows(state_dir).values()) == 2,
+                 30, log)
+
+        # SIGKILL mid-series, then start again: the series is made once (same SOP Instance UID if redone)
+        second = series_uid_of(ct_folders["second"])
+        assert storescu(node, ct_folders["second"]).returncode == 0
+        wait_for("the second series running", lambda: rows(state_dir).get(second, {}).get("status") == "running",
+                 60, log)
+        router.kill()
+        assert rows(state_dir)[second]["status"] == "running"
+        router.start()
+        wait_for("the second series done after the restart",
+                 lambda: rows(state_dir).get(second, {}).get("status") in ("done", "failed"), 300, log)
+        after = rows(state_dir)[second]
+        assert after["status"] == "done" and after["attempts"] == 2, after
+        assert "queued again" in log.read_text()
+        made = [s for s in segs(node_client, study) if s["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == second]  # type: ignore[index]
+        assert len(made) == 1
+        forwarded = [s for s in segs(pacs_client, study)
+                     if s["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == second]  # type: ignore[index]
+        assert len(forwarded) == 1
+        assert len(segs(pacs_client, study)) == 2  # and nothing else was sent
+        assert router.stop() == 0
+    finally:
+        if router.process is not None and router.process.poll() is None:
+            router.kill()
+    shutil.rmtree(state_dir, ignore_errors=True)
