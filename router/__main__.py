@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -33,6 +34,11 @@ def _router_flags(parser: argparse.ArgumentParser, stack: bool) -> None:
         parser.add_argument("-u", "--url", action="append", metavar="HOST:PORT",
                             help="a Triton gRPC endpoint; repeat for several servers (default localhost:8001)")
         parser.add_argument("--pacs", metavar="NAME", help="forward results to this Orthanc modality (DicomModalities)")
+        parser.add_argument("--orthanc-user", metavar="NAME",
+                            help="Orthanc RegisteredUsers name; the password is read from $ORTHANC_PASSWORD")
+        parser.add_argument("--status-port", type=int, metavar="PORT",
+                            help="serve GET /status and /healthz on this port (0: any free; default: none)")
+        parser.add_argument("--status-address", default="127.0.0.1", help="the endpoint's address (default %(default)s)")
         parser.add_argument("--start-at-end", action="store_true",
                             help="with a fresh state, skip the series Orthanc already holds")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
@@ -82,7 +88,17 @@ def _config(args: argparse.Namespace, orthanc: str, urls: list[str]) -> RouterCo
         workers_per_server=args.workers_per_server, pacs=getattr(args, "pacs", None), poll_s=args.poll_seconds,
         max_attempts=args.max_attempts, backoff_base_s=args.backoff_seconds, backoff_cap_s=args.backoff_cap_seconds,
         resolution=args.resolution, request_timeout_s=args.timeout, seg_encoding=args.seg_encoding,
-        start_at_end=getattr(args, "start_at_end", False))
+        start_at_end=getattr(args, "start_at_end", False), orthanc_auth=_auth(getattr(args, "orthanc_user", None)),
+        status_port=getattr(args, "status_port", None), status_address=getattr(args, "status_address", "127.0.0.1"))
+
+
+def _auth(user: str | None) -> tuple[str, str] | None:
+    if user is None:
+        return None
+    password = os.environ.get("ORTHANC_PASSWORD")
+    if not password:
+        raise ValueError(f"--orthanc-user {user}: set ORTHANC_PASSWORD to that user's password")
+    return user, password
 
 
 def _parse_node(text: str) -> Modality:

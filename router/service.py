@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from router.orthanc import OrthancClient, OrthancError
@@ -53,6 +54,9 @@ class RouterConfig:
     request_timeout_s: float | None = 3600.0
     seg_encoding: str | None = None  # None: router.results.ROUTER_ENCODING (binary: what Orthanc 1.10 forwards)
     start_at_end: bool = False  # a fresh state starts at Orthanc's newest change (skip what it already holds)
+    orthanc_auth: tuple[str, str] | None = None  # HTTP basic credentials of Orthanc's RegisteredUsers
+    status_address: str = "127.0.0.1"
+    status_port: int | None = None  # GET /status (status.json's content) and /healthz; None: no endpoint
 
     @property
     def state_path(self) -> Path:
@@ -104,6 +108,7 @@ class Router:
         self._status_lock = threading.Lock()
         self._clients: list[object] = []
         self._clients_lock = threading.Lock()
+        self._http: ThreadingHTTPServer | None = None
 
     # --- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -113,7 +118,7 @@ class Router:
             if recovered:
                 log.warning("%d series were running when the router stopped: queued again", recovered)
             if self.config.start_at_end and store.last_seq() == 0 and not store.rows():
-                last = OrthancClient(self.config.orthanc_url).last_change()
+                last = OrthancClient(self.config.orthanc_url, auth=self.config.orthanc_auth).last_change()
                 store.record_changes([], last)
                 log.info("fresh state: starting after Orthanc's change %d (series received before are not routed)",
                          last)
@@ -125,12 +130,19 @@ class Router:
                                                       name=f"router-worker-{url}-{n}", daemon=True))
         for thread in self._threads:
             thread.start()
+        if self.config.status_port is not None:
+            self._http = _status_server(self, self.config.status_address, self.config.status_port)
+            threading.Thread(target=self._http.serve_forever, name="router-status", daemon=True).start()
+            log.info("router: status on http://%s:%d/status", self.config.status_address, self.status_port)
         log.info("router: watching %s, %d worker(s) over %s", self.config.orthanc_url, len(self._threads) - 1,
                  ", ".join(self.config.triton_urls))
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop polling, cancel the requests in flight (their series are queued again), join the threads."""
         self._stop.set()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
         with self._clients_lock:
             for client in self._clients:
                 client.abort()  # type: ignore[attr-defined]
@@ -145,6 +157,15 @@ class Router:
                 pass
         finally:
             self.stop()
+
+    @property
+    def status_port(self) -> int:
+        """The status endpoint's port (its real one when 0 was asked); 0 without an endpoint."""
+        return int(self._http.server_address[1]) if self._http is not None else 0
+
+    def healthy(self) -> bool:
+        """Every thread alive (the poller and each worker)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._stop.is_set()
 
     @property
     def stopping(self) -> bool:
@@ -198,7 +219,7 @@ class Router:
         return NewSeries(series_id, series_uid, study_uid, decision.accepted, decision.reason)
 
     def _poll_loop(self) -> None:
-        orthanc = OrthancClient(self.config.orthanc_url, timeout_s=30.0)
+        orthanc = OrthancClient(self.config.orthanc_url, timeout_s=30.0, auth=self.config.orthanc_auth)
         with StateStore(self.config.state_path) as store:
             failing = False
             while not self._stop.is_set():
@@ -216,12 +237,12 @@ class Router:
 
     # --- workers ---------------------------------------------------------------------------------
     def _work_loop(self, triton_url: str, name: str) -> None:
+        """Claim series and process them, each through a new SegmentationClient: a new gRPC connection per
+        series, so that behind a Kubernetes Service (kube-proxy balances connections, not calls) series
+        spread over the Triton replicas."""
         from client.segmentation_client import SegmentationClient
 
-        client = SegmentationClient(triton_url, timeout_s=self.config.request_timeout_s)
-        with self._clients_lock:
-            self._clients.append(client)
-        orthanc = OrthancClient(self.config.orthanc_url)
+        orthanc = OrthancClient(self.config.orthanc_url, auth=self.config.orthanc_auth)
         try:
             with StateStore(self.config.state_path) as store:
                 while not self._stop.is_set():
@@ -230,11 +251,20 @@ class Router:
                         self._stop.wait(min(self.config.poll_s, 1.0))
                         continue
                     self._write_status(store)
-                    self._process(store, orthanc, client, row)
+                    client = SegmentationClient(triton_url, timeout_s=self.config.request_timeout_s)
+                    with self._clients_lock:
+                        self._clients.append(client)
+                    if self._stop.is_set():
+                        client.abort()
+                    try:
+                        self._process(store, orthanc, client, row)
+                    finally:
+                        with self._clients_lock:
+                            self._clients.remove(client)
+                        client.close()
                     self._write_status(store)
         finally:
             orthanc.close()
-            client.close()
 
     def _process(self, store: StateStore, orthanc: OrthancClient, client: object, row: SeriesRow) -> None:
         stages: dict[str, float] = dict(row.stages)
@@ -306,6 +336,35 @@ class Router:
             return "done", f"{len(ids)} result(s) stored", uids
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _status_server(router: Router, address: str, port: int) -> ThreadingHTTPServer:
+    """GET /status: {"counts", "series"} as in status.json, read from the state now; GET /healthz: 200 while
+    every router thread runs, else 503 (a liveness probe restarts the pod)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.path.split("?")[0] == "/healthz":
+                ok = router.healthy()
+                self._send(200 if ok else 503, {"healthy": ok})
+            elif self.path.split("?")[0] == "/status":
+                with StateStore(router.config.state_path) as store:
+                    self._send(200, {"counts": store.counts(), "series": [r.as_dict() for r in store.rows()]})
+            else:
+                self._send(404, {"error": "GET /status or /healthz"})
+
+        def _send(self, code: int, payload: object) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's signature
+            log.debug("status endpoint: " + format, *args)
+
+    return ThreadingHTTPServer((address, port), Handler)
 
 
 def _sop_uid(path: Path) -> str:

@@ -322,3 +322,68 @@ def test_pushed_ct_is_segmented_stored_and_forwarded_once_across_a_kill(
         if router.process is not None and router.process.poll() is None:
             router.kill()
     shutil.rmtree(state_dir, ignore_errors=True)
+
+
+# --- the cluster (issue 18 item 5): rendered by kubectl kustomize, validated offline ----------------------
+
+
+def test_router_component_renders_and_validates() -> None:
+    import kubernetes_validate
+    import yaml
+
+    from tests.test_deploy import KUBERNETES, KUBERNETES_VERSION, one, render
+
+    objects = render(KUBERNETES / "router-example")
+    for obj in objects:
+        assert obj["metadata"]["namespace"] == "wholebody"
+        if obj["apiVersion"].startswith(("keda.sh", "monitoring.coreos.com")):
+            continue  # the server's CRD objects: tests/test_deploy.py validates them
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    router = one(objects, "Deployment", "wholebody-router")
+    assert router["spec"]["replicas"] == 1 and router["spec"]["strategy"]["type"] == "Recreate"  # one SQLite writer
+    (container,) = router["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[0] == "run"
+    assert args[args.index("--url") + 1] == "wholebody-triton:8001"  # the server's Service, kube-proxy spreads
+    triton_service = one(objects, "Service", "wholebody-triton")
+    assert 8001 in [p["port"] for p in triton_service["spec"]["ports"]]
+    assert args[args.index("--orthanc") + 1] == "http://wholebody-orthanc:8042"
+    orthanc_service = one(objects, "Service", "wholebody-orthanc")
+    assert {p["name"]: p["port"] for p in orthanc_service["spec"]["ports"]} == {"http": 8042, "dicom": 4242}
+    assert container["image"] == "registry.example.org/wholebody-ct-router:0.1.0"
+    # the rules come from the ConfigMap, and the router can read them
+    rules_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(
+        "wholebody-router-rules"))
+    volumes = {v["name"]: v for v in router["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["rules"]["configMap"]["name"] == rules_map["metadata"]["name"]
+    assert rules_from_mapping(yaml.safe_load(rules_map["data"]["rules.yaml"])) == Rules()  # documented = default
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == "wholebody-router-state"
+    one(objects, "PersistentVolumeClaim", "wholebody-router-state")
+    # Orthanc (optional component): a StatefulSet with storage per pod and the config the router relies on
+    orthanc = one(objects, "StatefulSet", "wholebody-orthanc")
+    assert orthanc["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "storage"
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(
+        "wholebody-orthanc-config"))
+    config = json.loads(config_map["data"]["orthanc.json"])
+    assert config["DicomModalities"]["pacs"] and config["UserMetadata"] == {"WholebodyRouterStatus": 4242}
+    assert config["AuthenticationEnabled"] and "router" in config["RegisteredUsers"]
+    # the server's NetworkPolicy admits clients from their namespace; the router's own one opens gRPC to it
+    opened = one(objects, "NetworkPolicy", "wholebody-triton-from-router")
+    assert opened["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "wholebody-triton"}
+    assert opened["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "wholebody-router"}
+    triton_pods = one(objects, "Deployment", "wholebody-triton")["spec"]["template"]["metadata"]["labels"]
+    assert triton_pods["app.kubernetes.io/name"] == "wholebody-triton"
+    # the router's pods keep their own name label (the base's labels are not applied to the component)
+    assert router["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == "wholebody-router"
+
+
+def test_router_cli_rejects_bad_input_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "rules.json").write_text('{"min_slices": -1}')
+    result = subprocess.run([sys.executable, "-m", "router", "run", "--rules", str(tmp_path / "rules.json"),
+                             "--state-dir", str(tmp_path / "s")], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2 and "rules.json: min_slices must be a positive integer" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "router", "status", "--state-dir", str(tmp_path / "none")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "no router state here" in result.stderr
