@@ -387,3 +387,41 @@ def test_router_cli_rejects_bad_input_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "router", "status", "--state-dir", str(tmp_path / "none")],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and "no router state here" in result.stderr
+
+
+def test_stack_prints_its_addresses_and_ctrl_c_stops_everything(server: object, tmp_path: Path) -> None:
+    """`python -m router stack` with the session's Triton (-u): Orthanc and the router come up on loopback,
+    SIGINT stops them all (the process group is empty after), Orthanc's storage is kept."""
+    import requests
+
+    from wholebody.triton_server import process_group
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "router", "stack", "-u", server.grpc_url, "--dicom-port", "0",  # type: ignore[attr-defined]
+         "--http-port", "0", "--state-dir", str(tmp_path / "stack"), "--stable-age", "2"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines: list[str] = []
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        addresses = {k.strip(): v.strip() for k, _, v in (line.partition("  ") for line in lines) if v}
+        rest = addresses["Orthanc REST"]
+        assert rest.startswith("http://127.0.0.1:"), lines
+        assert requests.get(f"{rest}/system", timeout=10).json()["DicomAet"] == "WHOLEBODY"
+        assert addresses["DICOM (C-STORE here)"].startswith("WHOLEBODY@127.0.0.1:")
+        assert addresses["Triton gRPC"] == server.grpc_url  # type: ignore[attr-defined]
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        assert process_group(process.pid) == []
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{rest}/system", timeout=5)
+        assert (tmp_path / "stack" / "orthanc").is_dir() and (tmp_path / "stack" / "router.sqlite").exists()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
