@@ -425,3 +425,28 @@ def test_stack_prints_its_addresses_and_ctrl_c_stops_everything(server: object, 
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_status_endpoint_and_file_show_each_series(tmp_path: Path) -> None:
+    """GET /status and /healthz on loopback, and status.json, from a router whose state holds two series
+    (no Orthanc answers: the feed's error is logged and the router keeps running)."""
+    import requests
+
+    from router.service import Router, RouterConfig
+
+    with StateStore(tmp_path / "router.sqlite") as store:
+        store.record_changes([NewSeries("a", "1.2.1", "1.2", False, "modality SEG not in CT")], 3)
+    router = Router(RouterConfig(orthanc_url=f"http://127.0.0.1:{free_port()}", triton_urls=["127.0.0.1:1"],
+                                 state_dir=tmp_path, status_port=0, poll_s=0.2))
+    router.start()
+    try:
+        base = f"http://127.0.0.1:{router.status_port}"
+        assert requests.get(f"{base}/healthz", timeout=10).json() == {"healthy": True}
+        status = requests.get(f"{base}/status", timeout=10).json()
+        assert status["counts"]["ignored"] == 1 and status["series"][0]["message"] == "modality SEG not in CT"
+        assert requests.get(f"{base}/other", timeout=10).status_code == 404
+        assert json.loads((tmp_path / "status.json").read_text())["counts"]["ignored"] == 1
+    finally:
+        router.stop()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{base}/healthz", timeout=5)
