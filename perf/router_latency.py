@@ -73,7 +73,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
     repo = copy_model_repository(work / "model_repository")
     install_bundle(bundle, repo)
     router_dicom = free_port()
-    with LocalTritonServer(model_repository=repo, watchdog=True) as triton, \
+    with LocalTritonServer(model_repository=repo, watchdog=True, startup_timeout_s=args.startup_timeout) as triton, \
          OrthancNode(name="pacs", aet="PACS", storage=work / "pacs" / "storage",
                      senders={"router": Modality("WHOLEBODY", "127.0.0.1", router_dicom)}) as pacs, \
          OrthancNode(dicom_port=router_dicom, stable_age_s=args.stable_age, storage=work / "node" / "storage",
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init-filters", type=int, default=32, help="network width (32: the real one)")
     parser.add_argument("--stable-age", type=int, default=2, help="Orthanc's StableAge, s (default %(default)s)")
     parser.add_argument("--poll-seconds", type=float, default=0.2)
+    parser.add_argument("--startup-timeout", type=float, default=900.0,
+                        help="seconds tritonserver may take to load its models (a loaded 2-core box: minutes)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the numbers here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
