@@ -66,6 +66,11 @@ class RouterConfig:
     def status_path(self) -> Path:
         return self.state_dir / STATUS_FILE
 
+    @property
+    def work_dir(self) -> Path:
+        """Each series' download and results while a worker has it; emptied at start (a killed router's)."""
+        return self.state_dir / "work"
+
 
 class PermanentError(RuntimeError):
     """A series that will fail the same way however often it is tried."""
@@ -113,6 +118,8 @@ class Router:
     # --- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.config.work_dir, ignore_errors=True)  # what a killed router left
+        self.config.work_dir.mkdir()
         with StateStore(self.config.state_path) as store:
             recovered = store.recover()
             if recovered:
@@ -302,7 +309,7 @@ class Router:
         from clinical.dicom_series import read_ct_series
         from router.results import ROUTER_ENCODING, results_for
 
-        folder = Path(tempfile.mkdtemp(prefix="router-"))
+        folder = Path(tempfile.mkdtemp(prefix="series-", dir=self.config.work_dir))
         try:
             t = time.monotonic()
             archive = orthanc.download_series(row.orthanc_id, folder / "series.zip")

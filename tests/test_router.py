@@ -311,6 +311,7 @@ def test_pushed_ct_is_segmented_stored_and_forwarded_once_across_a_kill(
         after = rows(state_dir)[second]
         assert after["status"] == "done" and after["attempts"] == 2, after
         assert "queued again" in log.read_text()
+        assert list((state_dir / "work").iterdir()) == []  # the killed router's download was cleared
         made = [s for s in segs(node_client, study) if s["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == second]  # type: ignore[index]
         assert len(made) == 1
         forwarded = [s for s in segs(pacs_client, study)
