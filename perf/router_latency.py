@@ -58,7 +58,8 @@ def ct_image(name: str) -> tuple[nib.Nifti1Image, str]:
         return synthetic_ct(), "synthetic body-like CT 512x512x397, 0.84x0.84x1.5 mm (wholebody.sample_data)"
     image = nib.load(real_ct("example_ct" if name == "example" else "aorta_ct"))
     shape = "x".join(str(s) for s in image.shape)
-    return image, f"real CT ({'abdomen' if name == 'example' else 'chest angiogram'}) {shape} (TotalSegmentator's tests)"
+    kind = "abdomen" if name == "example" else "chest angiogram"
+    return image, f"real CT ({kind}) {shape} (TotalSegmentator's tests)"
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:

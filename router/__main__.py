@@ -38,7 +38,8 @@ def _router_flags(parser: argparse.ArgumentParser, stack: bool) -> None:
                             help="Orthanc RegisteredUsers name; the password is read from $ORTHANC_PASSWORD")
         parser.add_argument("--status-port", type=int, metavar="PORT",
                             help="serve GET /status and /healthz on this port (0: any free; default: none)")
-        parser.add_argument("--status-address", default="127.0.0.1", help="the endpoint's address (default %(default)s)")
+        parser.add_argument("--status-address", default="127.0.0.1",
+                            help="the endpoint's address (default %(default)s)")
         parser.add_argument("--start-at-end", action="store_true",
                             help="with a fresh state, skip the series Orthanc already holds")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
@@ -47,7 +48,8 @@ def _router_flags(parser: argparse.ArgumentParser, stack: bool) -> None:
     parser.add_argument("--workers-per-server", type=int, default=1, metavar="N",
                         help="series in flight per Triton server (default %(default)s)")
     parser.add_argument("--resolution", choices=("highres", "lowres"), help="default: the server's")
-    parser.add_argument("--seg-encoding", help="DICOM-SEG encoding (clinical.seg_encodings; default binary: what Orthanc 1.10 can forward)")
+    parser.add_argument("--seg-encoding",
+                        help="DICOM-SEG encoding (clinical.seg_encodings; default binary: what Orthanc 1.10 can forward)")
     parser.add_argument("--max-attempts", type=int, default=4, help="tries per series (default %(default)s)")
     parser.add_argument("--backoff-seconds", type=float, default=30.0,
                         help="wait after the first failed try, doubled after each (default %(default)s)")

@@ -177,5 +177,6 @@ def decide(rules: Rules, facts: SeriesFacts) -> Decision:
             return Decision(False, "no ImageOrientationPatient while the rules ask for axial slices")
         tilt = tilt_deg(facts.orientation)
         if tilt > rules.max_tilt_deg:
-            return Decision(False, f"not axial: slice normal {tilt:.0f} deg from the body axis > {rules.max_tilt_deg:g}")
+            return Decision(False, f"not axial: slice normal {tilt:.0f} deg from the body axis "
+                                   f"> {rules.max_tilt_deg:g}")
     return Decision(True, f"{facts.modality} {facts.slices} slices matched the rules")

@@ -319,7 +319,8 @@ class Router:
             stages["read_s"] = time.monotonic() - t
             archive.unlink()
             t = time.monotonic()
-            label_map = client.segment(series.volume, series.affine, self.config.resolution)  # type: ignore[attr-defined]
+            label_map = client.segment(  # type: ignore[attr-defined]
+                series.volume, series.affine, self.config.resolution)
             stages["segment_s"] = time.monotonic() - t
             seed = f"{series.series_uid}|{BUNDLE_VERSION}|{self.config.resolution or 'default'}"
             results = results_for(series, label_map, folder, encoding=self.config.seg_encoding or ROUTER_ENCODING,

@@ -165,7 +165,8 @@ class StateStore:
                 "WHERE orthanc_id = ?",
                 (status, message, json.dumps(results or []), json.dumps(stages or {}), time.time(), orthanc_id))
 
-    def retry_later(self, orthanc_id: str, message: str, delay_s: float, stages: dict[str, float] | None = None) -> None:
+    def retry_later(self, orthanc_id: str, message: str, delay_s: float,
+                    stages: dict[str, float] | None = None) -> None:
         """A failed try with tries left: back to `queued`, due after `delay_s`."""
         now = time.time()
         with self._transaction():

@@ -68,7 +68,8 @@ def test_site_rules_body_part_and_description_patterns() -> None:
     tilted = (1.0, 0.0, 0.0, 0.0, float(np.cos(np.radians(20))), float(np.sin(np.radians(20))))
     assert round(tilt_deg(tilted)) == 20
     assert "not axial" in decide(Rules(), SeriesFacts(**{**CT.__dict__, "orientation": tilted})).reason
-    assert decide(rules_from_mapping({"orientation": "any"}), SeriesFacts(**{**CT.__dict__, "orientation": None})).accepted
+    no_orientation = SeriesFacts(**{**CT.__dict__, "orientation": None})
+    assert decide(rules_from_mapping({"orientation": "any"}), no_orientation).accepted
 
 
 def test_rules_files_yaml_and_json(tmp_path: Path) -> None:
@@ -131,7 +132,8 @@ def test_state_records_series_with_the_feed_position_once(tmp_path: Path) -> Non
         assert store.counts()["queued"] == 1 and store.counts()["ignored"] == 1
         # a page whose recording fails leaves neither its rows nor its position
         with pytest.raises(sqlite3.Error):
-            store.record_changes([NewSeries("c", "", "", True, "ok"), NewSeries("d", object(), "", True, "")], 20)  # type: ignore[arg-type]
+            unbindable = NewSeries("d", object(), "", True, "")  # type: ignore[arg-type]
+            store.record_changes([NewSeries("c", "", "", True, "ok"), unbindable], 20)
         assert store.last_seq() == 12 and not store.known("c")
 
 
@@ -295,8 +297,8 @@ def test_pushed_ct_is_segmented_stored_and_forwarded_once_across_a_kill(
         assert first in table and "done" in table
         assert len(node_client.get_json(f"/series/{series_id}")["Instances"]) == 112
         # the router's own SEG series came back through the feed and was ignored by the rules
-        wait_for("the SEG series recorded", lambda: sum(r["status"] == "ignored" for r in rows(state_dir).values()) == 2,
-                 30, log)
+        wait_for("the SEG series recorded",
+                 lambda: sum(r["status"] == "ignored" for r in rows(state_dir).values()) == 2, 30, log)
 
         # SIGKILL mid-series, then start again: the series is made once (same SOP Instance UID if redone)
         second = series_uid_of(ct_folders["second"])
@@ -312,7 +314,8 @@ def test_pushed_ct_is_segmented_stored_and_forwarded_once_across_a_kill(
         assert after["status"] == "done" and after["attempts"] == 2, after
         assert "queued again" in log.read_text()
         assert list((state_dir / "work").iterdir()) == []  # the killed router's download was cleared
-        made = [s for s in segs(node_client, study) if s["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == second]  # type: ignore[index]
+        made = [s for s in segs(node_client, study)
+                if s["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == second]  # type: ignore[index]
         assert len(made) == 1
         forwarded = [s for s in segs(pacs_client, study)
                      if s["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == second]  # type: ignore[index]
@@ -398,8 +401,8 @@ def test_stack_prints_its_addresses_and_ctrl_c_stops_everything(server: object, 
     from wholebody.triton_server import process_group
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "router", "stack", "-u", server.grpc_url, "--dicom-port", "0",  # type: ignore[attr-defined]
-         "--http-port", "0", "--state-dir", str(tmp_path / "stack"), "--stable-age", "2"],
+        [sys.executable, "-m", "router", "stack", "-u", server.grpc_url,  # type: ignore[attr-defined]
+         "--dicom-port", "0", "--http-port", "0", "--state-dir", str(tmp_path / "stack"), "--stable-age", "2"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         lines: list[str] = []
