@@ -49,7 +49,7 @@ def _router_flags(parser: argparse.ArgumentParser, stack: bool) -> None:
                         help="series in flight per Triton server (default %(default)s)")
     parser.add_argument("--resolution", choices=("highres", "lowres"), help="default: the server's")
     parser.add_argument("--seg-encoding",
-                        help="DICOM-SEG encoding (clinical.seg_encodings; default binary: what Orthanc 1.10 can forward)")
+                        help="DICOM-SEG encoding (clinical.seg_encodings; default binary: Orthanc 1.10 forwards it)")
     parser.add_argument("--max-attempts", type=int, default=4, help="tries per series (default %(default)s)")
     parser.add_argument("--backoff-seconds", type=float, default=30.0,
                         help="wait after the first failed try, doubled after each (default %(default)s)")
