@@ -103,11 +103,19 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 if failed:
                     raise RuntimeError(f"the router failed the series: {failed[0].message}")
                 time.sleep(0.1)
+            while True:  # the forward returns (and the outcome is recorded) just after the PACS stored the SEG
+                with StateStore(config.state_path) as store:
+                    done = store.rows("done")
+                if done:
+                    break
+                with StateStore(config.state_path) as store:
+                    failed = store.rows("failed")
+                if failed:
+                    raise RuntimeError(f"the router failed the series: {failed[0].message}")
+                time.sleep(0.1)
         finally:
             router.stop()
-        with StateStore(config.state_path) as store:
-            (row,) = store.rows("done")
-    s = row.stages
+    s = done[0].stages
     stages = {
         "stable_wait_s": s["queued_at"] - last_store, "queue_s": s["started_at"] - s["queued_at"],
         **{k: s[k] for k in ("download_s", "read_s", "segment_s", "seg_encode_s", "store_s", "forward_s")},

@@ -300,7 +300,8 @@ class Router:
         stages["finished_at"] = time.time()
         store.finish(row.orthanc_id, status, message, results, stages)
         orthanc.set_status(row.orthanc_id, status)
-        log.info("series %s: %s (%s)", row.series_uid, status, message)
+        log.info("series %s: %s (%s); %s", row.series_uid, status, message,
+                 ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k.endswith("_s")))
 
     def segment_series(self, orthanc: OrthancClient, client: object, row: SeriesRow,
                        stages: dict[str, float]) -> tuple[str, str, list[str]]:
