@@ -454,3 +454,28 @@ def test_status_endpoint_and_file_show_each_series(tmp_path: Path) -> None:
         router.stop()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{base}/healthz", timeout=5)
+
+
+def test_results_made_again_keep_their_uids(tmp_path: Path) -> None:
+    """The hook's SEG of one series made twice (a redo after a crash) has the same Series and SOP Instance
+    UIDs, so Orthanc and the PACS store it once; another seed (another model version) gives new ones."""
+    from clinical.dicom_series import read_ct_series, write_ct_series
+    from router.results import results_for
+
+    volume = np.full((24, 20, 6), -1000, dtype=np.int16)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    labels[4:12, 4:12, 1:5] = 5
+    write_ct_series(volume, np.diag([2.0, 2.0, 3.0, 1.0]), tmp_path / "ct")
+    (series,) = read_ct_series(tmp_path / "ct")
+
+    def uids(folder: str, seed: str) -> tuple[str, str]:
+        (tmp_path / folder).mkdir()
+        (seg,) = results_for(series, labels, tmp_path / folder, uid_seed=seed).files
+        ds = pydicom.dcmread(seg, stop_before_pixels=True)
+        assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY"
+        return str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+    first = uids("a", f"{series.series_uid}|0.2.5|lowres")
+    assert uids("b", f"{series.series_uid}|0.2.5|lowres") == first
+    other = uids("c", f"{series.series_uid}|0.2.6|lowres")
+    assert other[0] != first[0] and other[1] != first[1]
