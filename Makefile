@@ -37,7 +37,7 @@ serve: setup
 # and npm only where no node/npm command is there: the team's machines have Node.js 20 and npm 11).
 # Installed with apt-get only when missing (CI runs as root on a fresh Debian machine); a package's own
 # service is stopped again: the tests start their own.
-CLINICAL_DEBS := orthanc orthanc-dicomweb dcm2niix chromium
+CLINICAL_DEBS := orthanc orthanc-dicomweb dcm2niix chromium dcmtk
 CLINICAL_COMMANDS := node=nodejs npm=npm
 clinical-tools:
 	@missing=$$(for p in $(CLINICAL_DEBS); do \

@@ -26,7 +26,7 @@ import numpy as np
 from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID
+from pydicom.uid import UID, generate_uid
 
 from clinical import seg_encodings
 from clinical import structures as st
@@ -91,12 +91,16 @@ def write_dicom_seg(
     algorithm_version: str = BUNDLE_VERSION,
     series_description: str = "wholeBody_ct_segmentation",
     series_number: int = 300,
+    uid_seed: str | None = None,
 ) -> Path:
     """Write `label_map` as a DICOM-SEG referencing the CT slices `source` (their headers, in Z order).
 
     label_map: [X, Y, Z] uint8, values 0..104 (bundle labels) on the source series' grid, as
     `clinical.dicom_series.read_ct_series` gives it (X = column, Y = row, Z = slice in `source` order).
     The file is written under a temporary name and renamed when complete. Returns `path`.
+    uid_seed: None gives fresh Series and SOP Instance UIDs; a string derives both from it (pydicom's
+    `generate_uid(entropy_srcs=...)`), so writing the SEG of one source again gives the same UIDs and a
+    PACS stores it once (the router's retries after a crash rely on this).
     Raises DicomSegError for a label map of another shape, labels above 104, or source headers lacking
     the UIDs a SEG must reference (anonymised away); ValueError for an unknown encoding.
     """
@@ -126,10 +130,15 @@ def write_dicom_seg(
         frames = lut[frames]
     if not present:
         raise DicomSegError(f"{path}: the label map is empty (no structure found); a DICOM-SEG needs one segment")
+    if uid_seed is None:
+        series_uid, sop_uid = hd.UID(), hd.UID()
+    else:
+        series_uid = hd.UID(generate_uid(entropy_srcs=[uid_seed, "series"]))
+        sop_uid = hd.UID(generate_uid(entropy_srcs=[uid_seed, "instance"]))
     seg = hd.seg.Segmentation(
         source_images=source, pixel_array=frames, segmentation_type=seg_type,
         segment_descriptions=segment_descriptions(present, numbers, algorithm_version),
-        series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(), instance_number=1,
+        series_instance_uid=series_uid, series_number=series_number, sop_instance_uid=sop_uid, instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name=ALGORITHM_NAME, software_versions=algorithm_version,
         device_serial_number="0", transfer_syntax_uid=syntax, series_description=series_description,
         omit_empty_frames=True)

@@ -1,0 +1,272 @@
+"""Orthanc for the router: a launcher of the Debian package (the node that receives C-STORE) and a small
+REST client of the calls the router makes.
+
+`OrthancNode` starts `/usr/sbin/Orthanc` (Debian `orthanc` 1.10 + `orthanc-dicomweb`) with its own
+configuration: HTTP on loopback (`RemoteAccessAllowed: false`: Orthanc 1.10 has no bind address, so
+only loopback clients are answered), a DICOM port, the DICOMweb plugin, `StableAge` (seconds without a
+new instance before a series is "stable"), the PACS to forward to (`DicomModalities`), and the user
+metadata the router writes on a series. Orthanc 1.10's DICOM port listens on every interface; the
+launcher therefore accepts C-STORE only from the modalities it is given, checked by AE title and host
+(`DicomAlwaysAllowStore: false`, `DicomCheckModalityHost: true`): by default one modality, any AE title
+``STORESCU`` at 127.0.0.1. Its process group is stopped on exit; its storage is kept unless it was a
+temporary one (a received study is never deleted by the router).
+
+`OrthancClient` wraps the REST API (requests): the changes feed, a series' tags, its archive, storing an
+instance, C-STORE to a modality, series metadata. Every failure is an `OrthancError` naming the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from router.rules import SeriesFacts
+
+log = logging.getLogger(__name__)
+
+ORTHANC = "/usr/sbin/Orthanc"
+PLUGINS = "/usr/share/orthanc/plugins"
+DICOMWEB_PLUGIN = f"{PLUGINS}/libOrthancDicomWeb.so"
+INSTALL_HINT = "run `make clinical-tools` (Debian packages orthanc, orthanc-dicomweb)"
+# user metadata on a series: the router's outcome (done/held/failed/...), for an operator in Orthanc Explorer
+STATUS_METADATA = "WholebodyRouterStatus"
+STATUS_METADATA_INDEX = 4242  # user metadata indices are 1024..65535
+
+
+class OrthancError(RuntimeError):
+    """An Orthanc REST call that failed; the message names the URL and what to check."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Modality:
+    """A DICOM node Orthanc knows: a PACS to forward to, or a modality allowed to send."""
+
+    aet: str
+    host: str
+    port: int
+
+    def as_config(self) -> list[object]:
+        return [self.aet, self.host, self.port]
+
+
+@dataclass
+class OrthancNode:
+    """`with OrthancNode(...) as node:` -> node.url (REST), node.dicomweb, node.dicom_port, node.aet.
+
+    http_port/dicom_port 0: free ports. storage None: a temporary folder removed on exit; a path: kept.
+    senders: modalities allowed to C-STORE (default: AE title STORESCU from 127.0.0.1). pacs: modalities
+    by name the router may forward to (`/modalities/{name}/store`). extra: more Orthanc configuration keys
+    (they win). Raises RuntimeError (with the log's tail) when Orthanc is missing or does not start.
+    """
+
+    name: str = "wholebody-router"
+    aet: str = "WHOLEBODY"
+    http_port: int = 0
+    dicom_port: int = 0
+    storage: Path | None = None
+    stable_age_s: int = 60
+    senders: dict[str, Modality] = field(default_factory=lambda: {"scanner": Modality("STORESCU", "127.0.0.1", 104)})
+    pacs: dict[str, Modality] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    start_timeout_s: float = 60.0
+    process: subprocess.Popen[bytes] | None = None
+    _temporary: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def config(self) -> dict[str, Any]:
+        """The Orthanc configuration this node runs with (JSON-able)."""
+        assert self.storage is not None
+        modalities = {name: m.as_config() for name, m in {**self.senders, **self.pacs}.items()}
+        config: dict[str, Any] = {
+            "Name": self.name, "StorageDirectory": str(self.storage), "IndexDirectory": str(self.storage),
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomServerEnabled": True, "DicomAet": self.aet, "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": False, "DicomCheckModalityHost": True,
+            "DicomModalities": modalities, "StableAge": self.stable_age_s,
+            "HttpThreadsCount": 8, "ConcurrentJobs": 2, "SaveJobs": False, "OverwriteInstances": False,
+            "UserMetadata": {STATUS_METADATA: STATUS_METADATA_INDEX},
+            "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        config.update(self.extra)
+        return config
+
+    def __enter__(self) -> OrthancNode:
+        for path in (ORTHANC, DICOMWEB_PLUGIN):
+            if not Path(path).exists():
+                raise RuntimeError(f"{path} is missing: {INSTALL_HINT}")
+        self.http_port = self.http_port or free_port()
+        self.dicom_port = self.dicom_port or free_port()
+        if self.storage is None:
+            self._temporary = Path(tempfile.mkdtemp(prefix="orthanc-"))
+            self.storage = self._temporary / "storage"
+        self.storage.mkdir(parents=True, exist_ok=True)
+        config_path = self.storage.parent / f"{self.name}.orthanc.json"
+        config_path.write_text(json.dumps(self.config(), indent=1))
+        self.log_path = self.storage.parent / f"{self.name}.orthanc.log"
+        self._log = open(self.log_path, "ab")
+        try:
+            self.process = subprocess.Popen([ORTHANC, str(config_path)], stdout=self._log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+            deadline = time.monotonic() + self.start_timeout_s
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"Orthanc exited with {self.process.returncode}: {self.log_tail()}")
+                try:
+                    if requests.get(f"{self.url}/system", timeout=2).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Orthanc did not answer within {self.start_timeout_s} s: {self.log_tail()}")
+                time.sleep(0.2)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        """SIGTERM Orthanc's process group, SIGKILL after 20 s."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+
+
+def _floats(value: object) -> tuple[float, ...] | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return tuple(float(v) for v in value.split("\\"))
+    except ValueError:
+        return None
+
+
+class OrthancClient:
+    """The REST calls of the router. One instance per thread (a requests.Session each)."""
+
+    def __init__(self, url: str, timeout_s: float = 60.0, auth: tuple[str, str] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        if auth:
+            self.session.auth = auth
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        url = f"{self.url}{path}"
+        try:
+            response = self.session.request(method, url, timeout=kwargs.pop("timeout", self.timeout_s), **kwargs)
+        except requests.RequestException as exc:
+            raise OrthancError(f"{method} {url}: {exc.__class__.__name__}: {exc}; is Orthanc running there?") from None
+        if not response.ok:
+            raise OrthancError(f"{method} {url}: HTTP {response.status_code} {response.text[:200].strip()}")
+        return response
+
+    def get_json(self, path: str) -> Any:
+        return self._call("GET", path).json()
+
+    def changes(self, since: int, limit: int = 100) -> tuple[list[dict[str, Any]], int, bool]:
+        """One page of the changes feed after `since`: (changes, last seq, done)."""
+        page = self.get_json(f"/changes?since={since}&limit={limit}")
+        return list(page.get("Changes", [])), int(page.get("Last", since)), bool(page.get("Done", True))
+
+    def last_change(self) -> int:
+        """The sequence number of the newest change (`/changes?last`)."""
+        return int(self.get_json("/changes?last").get("Last", 0))
+
+    def series(self, series_id: str) -> dict[str, Any]:
+        return self.get_json(f"/series/{series_id}")
+
+    def series_facts(self, series_id: str) -> tuple[SeriesFacts, dict[str, Any]]:
+        """What the rules look at (one series, one of its instances' tags) and the series' JSON."""
+        info = self.series(series_id)
+        main = info.get("MainDicomTags", {})
+        instances = info.get("Instances", [])
+        tags: dict[str, Any] = self.get_json(f"/instances/{instances[0]}/simplified-tags") if instances else {}
+        thickness = _floats(tags.get("SliceThickness"))
+        image_type = tags.get("ImageType", "")
+        facts = SeriesFacts(
+            modality=str(main.get("Modality", tags.get("Modality", ""))),
+            description=str(main.get("SeriesDescription", tags.get("SeriesDescription", ""))),
+            body_part=str(main.get("BodyPartExamined", tags.get("BodyPartExamined", ""))),
+            slice_thickness_mm=thickness[0] if thickness else None,
+            slices=len(instances),
+            orientation=_floats(tags.get("ImageOrientationPatient")),
+            image_type=tuple(image_type.split("\\")) if isinstance(image_type, str) and image_type else (),
+        )
+        return facts, info
+
+    def series_uids(self, info: dict[str, Any]) -> tuple[str, str]:
+        """(SeriesInstanceUID, StudyInstanceUID) of a series JSON (the study's from its parent)."""
+        series_uid = str(info.get("MainDicomTags", {}).get("SeriesInstanceUID", ""))
+        study = self.get_json(f"/studies/{info['ParentStudy']}") if info.get("ParentStudy") else {}
+        return series_uid, str(study.get("MainDicomTags", {}).get("StudyInstanceUID", ""))
+
+    def download_series(self, series_id: str, target: Path) -> Path:
+        """The series' instances as a .zip (`/series/{id}/archive`), streamed to `target`."""
+        url = f"/series/{series_id}/archive"
+        response = self._call("GET", url, stream=True, timeout=max(self.timeout_s, 600.0))
+        with open(target, "wb") as out:
+            for chunk in response.iter_content(chunk_size=1 << 20):
+                out.write(chunk)
+        return target
+
+    def store_instance(self, path: Path) -> dict[str, Any]:
+        """POST /instances: store one DICOM file. Returns Orthanc's answer (ID, Status: Success/AlreadyStored)."""
+        return self._call("POST", "/instances", data=path.read_bytes(),
+                          headers={"Content-Type": "application/dicom"}).json()
+
+    def forward(self, modality: str, instance_ids: list[str]) -> None:
+        """C-STORE instances to a modality Orthanc knows (`/modalities/{name}/store`, synchronous)."""
+        self._call("POST", f"/modalities/{modality}/store",
+                   json={"Resources": instance_ids, "Synchronous": True}, timeout=max(self.timeout_s, 600.0))
+
+    def set_status(self, series_id: str, status: str) -> bool:
+        """Write the router's outcome as the series' user metadata; False when this Orthanc does not
+        declare it (a site's own Orthanc without `UserMetadata`), which is not an error."""
+        try:
+            self._call("PUT", f"/series/{series_id}/metadata/{STATUS_METADATA}", data=status.encode())
+            return True
+        except OrthancError as exc:
+            log.debug("series %s: status metadata not written (%s)", series_id, exc)
+            return False

@@ -1,0 +1,94 @@
+"""`python -m router stack`: the whole local flow on loopback in one command.
+
+Brings up, in this order: a local Triton (wholebody.triton_server.LocalTritonServer, the launcher `serve`
+runs), a local Orthanc (router.orthanc.OrthancNode: DICOM port for the modalities, REST and DICOMweb), and
+the router (router.service.Router) between them; prints the addresses; Ctrl-C or SIGTERM stops the router
+first, then Orthanc and Triton, each with its process group (no orphans). Orthanc's storage and the
+router's state live under `--state-dir` and survive the stack.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.orthanc import Modality, OrthancNode
+from router.service import Router, RouterConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StackOptions:
+    state_dir: Path
+    router: RouterConfig  # orthanc_url and triton_urls are filled in by the stack
+    dicom_port: int = 4242
+    http_port: int = 8042
+    aet: str = "WHOLEBODY"
+    sender_aet: str = "STORESCU"
+    stable_age_s: int = 10
+    pacs: Modality | None = None  # forward results there (registered as modality "pacs")
+    model_repository: Path | None = None  # None: the project's model_repository/
+    triton_url: str | None = None  # an already running Triton (host:port): none is started
+    # the viewer (issue 18 item 4) is started here at merge: viewer.ensure_viewer() -> Orthanc ServeFolders
+    orthanc_extra: dict[str, object] = field(default_factory=dict)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_stack(options: StackOptions, ready: Callable[[dict[str, str]], None] | None = None) -> int:
+    """Start Triton, Orthanc and the router; call `ready(addresses)` (default: print them); block until
+    Ctrl-C / SIGTERM; stop everything. Returns 0. Raises RuntimeError when a part does not start."""
+    options.state_dir.mkdir(parents=True, exist_ok=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    with ExitStack() as stack:
+        try:
+            if options.triton_url is None:
+                from wholebody.triton_server import LocalTritonServer
+
+                kwargs = {"model_repository": options.model_repository} if options.model_repository else {}
+                triton = stack.enter_context(LocalTritonServer(watchdog=True, **kwargs))  # type: ignore[arg-type]
+                triton_url = triton.grpc_url
+            else:
+                triton_url = options.triton_url
+            node = OrthancNode(
+                aet=options.aet, http_port=options.http_port, dicom_port=options.dicom_port,
+                storage=options.state_dir / "orthanc", stable_age_s=options.stable_age_s,
+                senders={"scanner": Modality(options.sender_aet, "127.0.0.1", 104)},
+                pacs={"pacs": options.pacs} if options.pacs else {}, extra=dict(options.orthanc_extra))
+            stack.enter_context(node)
+            config = options.router
+            config.orthanc_url, config.triton_urls = node.url, [triton_url]
+            config.pacs = "pacs" if options.pacs else None
+            router = Router(config)
+            router.start()
+            stack.callback(router.stop)
+            addresses = {
+                "DICOM (C-STORE here)": f"{node.aet}@127.0.0.1:{node.dicom_port} (from AE title {options.sender_aet})",
+                "Orthanc REST": node.url, "DICOMweb": node.dicomweb, "Triton gRPC": triton_url,
+                "router status": str(config.status_path),
+                "forward to": f"{options.pacs.aet}@{options.pacs.host}:{options.pacs.port}" if options.pacs else "-",
+            }
+            (ready or _print_addresses)(addresses)
+            while not router.stopping:
+                threading.Event().wait(0.5)
+        except KeyboardInterrupt:
+            log.info("stopping the stack")
+    return 0
+
+
+def _print_addresses(addresses: dict[str, str]) -> None:
+    width = max(len(k) for k in addresses)
+    for key, value in addresses.items():
+        print(f"{key:{width}}  {value}")
+    print("Ctrl-C stops everything.", flush=True)
+    sys.stdout.flush()
