@@ -38,6 +38,7 @@ from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
 
 from clinical import structures as st
 from clinical.dicom_seg import ALGORITHM_NAME, BUNDLE_VERSION, MANUFACTURER
@@ -100,6 +101,7 @@ def make_measurement_report(
     statistics: Sequence[StructureStatistics] | None = None,
     series_number: int = 301,
     algorithm_version: str = BUNDLE_VERSION,
+    uid_seed: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 Measurement Report of a result (see the module docstring for its content).
 
@@ -110,6 +112,8 @@ def make_measurement_report(
         ct: [X, Y, Z] CT in HU on that grid; affine: [4, 4] voxel -> RAS mm.
         quality: the result's `clinical.quality.check_scan` report; None: no qualitative evaluations.
         statistics: `structure_statistics` of these arrays, when already computed.
+        uid_seed: None gives fresh Series and SOP Instance UIDs; a string derives both from it (as
+            clinical.dicom_seg.write_dicom_seg does), so the SR of one result made again is stored once.
 
     Raises:
         StructuredReportError: the structures present in `label_map` are not the segments of `seg`, or
@@ -172,9 +176,14 @@ def make_measurement_report(
     report = hd.sr.MeasurementReport(observation_context=observer,
                                      procedure_reported=codes.cid100.CTUnspecifiedBodyRegion,
                                      imaging_measurements=groups)
+    if uid_seed is None:
+        series_uid, sop_uid = hd.UID(), hd.UID()
+    else:
+        series_uid = hd.UID(generate_uid(entropy_srcs=[uid_seed, "sr-series"]))
+        sop_uid = hd.UID(generate_uid(entropy_srcs=[uid_seed, "sr-instance"]))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg], content=report[0], series_instance_uid=hd.UID(), series_number=series_number,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+        evidence=[seg], content=report[0], series_instance_uid=series_uid, series_number=series_number,
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
         series_description=SR_SERIES_DESCRIPTION)
     scheme = Dataset()
     scheme.CodingSchemeDesignator = QC_SCHEME

@@ -18,6 +18,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from clinical.quality import QualityPolicy
 from router.orthanc import Modality
 from router.rules import RulesError, load_rules
 from router.service import Router, RouterConfig, status_table
@@ -56,6 +57,13 @@ def _router_flags(parser: argparse.ArgumentParser, stack: bool) -> None:
     parser.add_argument("--backoff-cap-seconds", type=float, default=900.0, help="longest wait (default %(default)s)")
     parser.add_argument("--poll-seconds", type=float, default=1.0, help="changes feed polling (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="bound on one segmentation request, s")
+    parser.add_argument("--quality-policy", metavar="CHECK=ACTION,...",
+                        help="what a failed quality check does: hold (stored in Orthanc, not forwarded), mark or "
+                             "report, e.g. laterality=hold,volume=report (default: clinical.quality.DEFAULT_ACTIONS;"
+                             " docs/quality-and-reports.md)")
+    parser.add_argument("--no-quality-checks", action="store_true",
+                        help="no checks on the results (nothing is held back)")
+    parser.add_argument("--no-sr", action="store_true", help="no TID 1500 Structured Report beside each SEG")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--sender-aet", default="STORESCU", help="AE title allowed to C-STORE from loopback")
     stack.add_argument("--stable-age", type=int, default=10, help="Orthanc's StableAge, s (default %(default)s)")
     stack.add_argument("--pacs", metavar="AET@HOST:PORT", help="forward results to this DICOM node")
+    stack.add_argument("--no-viewer", action="store_true",
+                       help="do not serve the OHIF viewer at <Orthanc>/viewer/ (docs/viewer.md; its first start "
+                            "fetches @ohif/app from the npm registry)")
     return parser
 
 
@@ -91,7 +102,9 @@ def _config(args: argparse.Namespace, orthanc: str, urls: list[str]) -> RouterCo
         max_attempts=args.max_attempts, backoff_base_s=args.backoff_seconds, backoff_cap_s=args.backoff_cap_seconds,
         resolution=args.resolution, request_timeout_s=args.timeout, seg_encoding=args.seg_encoding,
         start_at_end=getattr(args, "start_at_end", False), orthanc_auth=_auth(getattr(args, "orthanc_user", None)),
-        status_port=getattr(args, "status_port", None), status_address=getattr(args, "status_address", "127.0.0.1"))
+        status_port=getattr(args, "status_port", None), status_address=getattr(args, "status_address", "127.0.0.1"),
+        quality_policy=None if args.quality_policy is None else QualityPolicy.parse(args.quality_policy),
+        quality_checks=not args.no_quality_checks, structured_report=not args.no_sr)
 
 
 def _auth(user: str | None) -> tuple[str, str] | None:
@@ -150,16 +163,20 @@ def main(argv: list[str] | None = None) -> int:
                 pass
             return 0
         from router.stack import StackOptions, run_stack
+        from wholebody.triton_server import DEFAULT_CACHE
 
         options = StackOptions(
             state_dir=args.state_dir, router=_config(args, "", []), dicom_port=args.dicom_port,
             http_port=args.http_port, aet=args.aet, sender_aet=args.sender_aet, stable_age_s=args.stable_age,
             pacs=_parse_node(args.pacs) if args.pacs else None, model_repository=args.model_repository,
-            triton_url=args.url)
+            triton_url=args.url, viewer_cache=None if args.no_viewer else DEFAULT_CACHE)
         return run_stack(options)
     except (RulesError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    except RuntimeError as exc:  # a part of the stack that did not start (the viewer, Orthanc, Triton)
+        log.error("%s", exc)
+        return 1
     except sqlite3.Error as exc:
         log.error("%s: router state unusable (%s); move it away to start afresh", args.state_dir, exc)
         return 2

@@ -67,6 +67,20 @@ class Modality:
         return [self.aet, self.host, self.port]
 
 
+def merge_config(config: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`config` with `extra` merged in: nested objects merged key by key, lists (e.g. "Plugins") extended
+    with the items they lack, other values replaced. Neither argument is changed."""
+    out = dict(config)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        elif isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = out[key] + [v for v in value if v not in out[key]]
+        else:
+            out[key] = value
+    return out
+
+
 @dataclass
 class OrthancNode:
     """`with OrthancNode(...) as node:` -> node.url (REST), node.dicomweb, node.dicom_port, node.aet.
@@ -112,8 +126,7 @@ class OrthancNode:
             "UserMetadata": {STATUS_METADATA: STATUS_METADATA_INDEX},
             "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
-        config.update(self.extra)
-        return config
+        return merge_config(config, self.extra)
 
     def __enter__(self) -> OrthancNode:
         for path in (ORTHANC, DICOMWEB_PLUGIN):

@@ -24,11 +24,15 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from router.orthanc import OrthancClient, OrthancError
 from router.rules import Rules, decide
 from router.state import FINAL, NewSeries, SeriesRow, StateStore, backoff_s
 from wholebody.atomic import atomic_write
+
+if TYPE_CHECKING:
+    from clinical.quality import QualityPolicy
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,9 @@ class RouterConfig:
     orthanc_auth: tuple[str, str] | None = None  # HTTP basic credentials of Orthanc's RegisteredUsers
     status_address: str = "127.0.0.1"
     status_port: int | None = None  # GET /status (status.json's content) and /healthz; None: no endpoint
+    quality_policy: QualityPolicy | None = None  # None: clinical.quality.DEFAULT_ACTIONS
+    quality_checks: bool = True  # check every result (quality/<series UID>.json; "hold" keeps it from the PACS)
+    structured_report: bool = True  # a TID 1500 SR beside each SEG (clinical.structured_report)
 
     @property
     def state_path(self) -> Path:
@@ -65,6 +72,11 @@ class RouterConfig:
     @property
     def status_path(self) -> Path:
         return self.state_dir / STATUS_FILE
+
+    @property
+    def quality_dir(self) -> Path:
+        """Each series' quality report, `<series UID>.json` (clinical.quality's JSON), for the operator."""
+        return self.state_dir / "quality"
 
     @property
     def work_dir(self) -> Path:
@@ -308,6 +320,7 @@ class Router:
         """One try of one series; fills `stages` with seconds per stage. Returns (status, message, SOP UIDs)."""
         from clinical.dicom_seg import BUNDLE_VERSION
         from clinical.dicom_series import read_ct_series
+        from clinical.quality import write_quality_json
         from router.results import ROUTER_ENCODING, results_for
 
         folder = Path(tempfile.mkdtemp(prefix="series-", dir=self.config.work_dir))
@@ -325,8 +338,14 @@ class Router:
             stages["segment_s"] = time.monotonic() - t
             seed = f"{series.series_uid}|{BUNDLE_VERSION}|{self.config.resolution or 'default'}"
             results = results_for(series, label_map, folder, encoding=self.config.seg_encoding or ROUTER_ENCODING,
-                                  uid_seed=seed)
+                                  uid_seed=seed, quality_policy=self.config.quality_policy,
+                                  quality_checks=self.config.quality_checks,
+                                  structured_report=self.config.structured_report)
             stages.update(results.stages)
+            if results.quality is not None:
+                self.config.quality_dir.mkdir(parents=True, exist_ok=True)
+                name = f"{row.series_uid or row.orthanc_id}.json"
+                write_quality_json(results.quality, self.config.quality_dir / name)
             del label_map, series
             t = time.monotonic()
             ids, uids = [], []

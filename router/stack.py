@@ -18,8 +18,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.orthanc import Modality, OrthancNode
+from router.orthanc import Modality, OrthancNode, merge_config
 from router.service import Router, RouterConfig
+from router.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ class StackOptions:
     pacs: Modality | None = None  # forward results there (registered as modality "pacs")
     model_repository: Path | None = None  # None: the project's model_repository/
     triton_url: str | None = None  # an already running Triton (host:port): none is started
-    # the viewer (issue 18 item 4) is started here at merge: viewer.ensure_viewer() -> Orthanc ServeFolders
+    # the OHIF viewer (viewer/): built once under this cache and served by Orthanc at /viewer/ (ServeFolders,
+    # the same origin as DICOMweb); None: no viewer
+    viewer_cache: Path | None = None
     orthanc_extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -60,11 +63,16 @@ def run_stack(options: StackOptions, ready: Callable[[dict[str, str]], None] | N
                 triton_url = triton.grpc_url
             else:
                 triton_url = options.triton_url
+            extra = dict(options.orthanc_extra)
+            if options.viewer_cache is not None:
+                from viewer import ensure_viewer, orthanc_settings
+
+                extra = merge_config(extra, orthanc_settings(ensure_viewer(options.viewer_cache)))
             node = OrthancNode(
                 aet=options.aet, http_port=options.http_port, dicom_port=options.dicom_port,
                 storage=options.state_dir / "orthanc", stable_age_s=options.stable_age_s,
                 senders={"scanner": Modality(options.sender_aet, "127.0.0.1", 104)},
-                pacs={"pacs": options.pacs} if options.pacs else {}, extra=dict(options.orthanc_extra))
+                pacs={"pacs": options.pacs} if options.pacs else {}, extra=extra)
             stack.enter_context(node)
             config = options.router
             config.orthanc_url, config.triton_urls = node.url, [triton_url]
@@ -78,12 +86,28 @@ def run_stack(options: StackOptions, ready: Callable[[dict[str, str]], None] | N
                 "router status": str(config.status_path),
                 "forward to": f"{options.pacs.aet}@{options.pacs.host}:{options.pacs.port}" if options.pacs else "-",
             }
+            if options.viewer_cache is not None:
+                addresses["viewer"] = f"{node.url}/viewer/ (each segmented study's page is printed when it is done)"
             (ready or _print_addresses)(addresses)
+            shown: set[str] = set()
             while not router.stopping:
                 threading.Event().wait(0.5)
+                if options.viewer_cache is not None and ready is None:
+                    _print_new_studies(config, node.url, shown)
         except KeyboardInterrupt:
             log.info("stopping the stack")
     return 0
+
+
+def _print_new_studies(config: RouterConfig, orthanc_url: str, shown: set[str]) -> None:
+    """Print the viewer page of each series that became done or held since the last call."""
+    from viewer import study_url
+
+    with StateStore(config.state_path) as store:
+        rows = [r for r in store.rows() if r.status in ("done", "held") and r.orthanc_id not in shown]
+    for row in rows:
+        shown.add(row.orthanc_id)
+        print(f"{row.status}: series {row.series_uid} -> {study_url(orthanc_url, row.study_uid)}", flush=True)
 
 
 def _print_addresses(addresses: dict[str, str]) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import requests
 
+from router.orthanc import merge_config
+
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 INSTALL_HINT = "run `make clinical-tools` (Debian packages orthanc, orthanc-dicomweb)"
@@ -30,24 +32,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def merged(config: dict, extra: dict) -> dict:
-    """`config` with `extra` merged in: nested objects merged key by key, lists (e.g. "Plugins") extended,
-    other values replaced."""
-    out = dict(config)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        elif isinstance(value, list) and isinstance(out.get(key), list):
-            out[key] = out[key] + [v for v in value if v not in out[key]]
-        else:
-            out[key] = value
-    return out
-
-
 class LocalOrthanc:
     """`with LocalOrthanc() as pacs:` -> pacs.url (REST), pacs.dicomweb (DICOMweb root).
 
-    extra_config: merged into the configuration (`merged`), e.g. viewer.orthanc_settings(dist) to serve
+    extra_config: merged into the configuration (router.orthanc.merge_config), e.g. viewer.orthanc_settings(dist) to serve
     the OHIF viewer with the ServeFolders plugin.
     """
 
@@ -73,7 +61,7 @@ class LocalOrthanc:
                 "HttpThreadsCount": 4, "ConcurrentJobs": 1, "SaveJobs": False,
                 "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             }
-            (self.workdir / "orthanc.json").write_text(json.dumps(merged(config, self.extra_config)))
+            (self.workdir / "orthanc.json").write_text(json.dumps(merge_config(config, self.extra_config)))
             self.log = open(self.workdir / "orthanc.log", "wb")
             self.process = subprocess.Popen([ORTHANC, str(self.workdir / "orthanc.json")], stdout=self.log,
                                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -22,6 +22,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from clinical.quality import CHECKS
 from router.orthanc import Modality, OrthancClient, OrthancNode, free_port
 from router.rules import Rules, RulesError, SeriesFacts, decide, load_rules, rules_from_mapping, tilt_deg
 from router.service import is_permanent, status_table
@@ -204,7 +205,10 @@ class RouterProcess:
     def __init__(self, node: OrthancNode, triton_url: str, state_dir: Path, log: Path) -> None:
         self.args = [sys.executable, "-m", "router", "run", "--orthanc", node.url, "-u", triton_url,
                      "--pacs", "pacs", "--state-dir", str(state_dir), "--resolution", "lowres",
-                     "--poll-seconds", "0.2", "--backoff-seconds", "1", "--timeout", "600"]
+                     "--poll-seconds", "0.2", "--backoff-seconds", "1", "--timeout", "600",
+                     # random test weights trip the checks; that a failed "hold" check keeps a result from the
+                     # PACS is tested on constructed labels (test_results_hold_a_result_whose_sides_are_swapped)
+                     "--quality-policy", ",".join(f"{check}=report" for check in CHECKS)]
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -249,10 +253,10 @@ def rows(state_dir: Path) -> dict[str, dict[str, object]]:
         return {r.series_uid: r.as_dict() for r in store.rows()}
 
 
-def segs(client: OrthancClient, study_uid: str) -> list[dict[str, object]]:
-    """The SEG instances Orthanc holds in the study (their tags)."""
+def segs(client: OrthancClient, study_uid: str, modality: str = "SEG") -> list[dict[str, object]]:
+    """The SEG (or `modality`) instances Orthanc holds in the study (their tags)."""
     found = client._call("POST", "/tools/find", json={"Level": "Instance", "Expand": True, "Query": {
-        "StudyInstanceUID": study_uid, "Modality": "SEG"}}).json()
+        "StudyInstanceUID": study_uid, "Modality": modality}}).json()
     return [client.get_json(f"/instances/{i['ID']}/simplified-tags") for i in found]
 
 
@@ -287,6 +291,12 @@ def test_pushed_ct_is_segmented_stored_and_forwarded_once_across_a_kill(
         assert referenced == first
         (arrived,) = segs(pacs_client, study)
         assert arrived["SOPInstanceUID"] == seg["SOPInstanceUID"]
+        # the TID 1500 SR referencing that SEG is stored and forwarded with it; the quality report is kept
+        (sr,) = segs(node_client, study, "SR")
+        assert sr["SOPInstanceUID"] == state[first]["results"][1]  # type: ignore[index]
+        assert [s["SOPInstanceUID"] for s in segs(pacs_client, study, "SR")] == [sr["SOPInstanceUID"]]
+        quality = json.loads((state_dir / "quality" / f"{first}.json").read_text())
+        assert quality["held"] is False and set(quality["policy"].values()) == {"report"}
         # the operator's views: Orthanc metadata, status.json, the status table; the study is kept
         series_id = str(state[first]["orthanc_id"])
         assert node_client._call("GET", f"/series/{series_id}/metadata/WholebodyRouterStatus").text == "done"
@@ -296,9 +306,9 @@ def test_pushed_ct_is_segmented_stored_and_forwarded_once_across_a_kill(
                                cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
         assert first in table and "done" in table
         assert len(node_client.get_json(f"/series/{series_id}")["Instances"]) == 112
-        # the router's own SEG series came back through the feed and was ignored by the rules
-        wait_for("the SEG series recorded",
-                 lambda: sum(r["status"] == "ignored" for r in rows(state_dir).values()) == 2, 30, log)
+        # the router's own SEG and SR series came back through the feed and were ignored by the rules
+        wait_for("the SEG and SR series recorded",
+                 lambda: sum(r["status"] == "ignored" for r in rows(state_dir).values()) == 3, 30, log)
 
         # SIGKILL mid-series, then start again: the series is made once (same SOP Instance UID if redone)
         second = series_uid_of(ct_folders["second"])
@@ -321,6 +331,7 @@ def test_pushed_ct_is_segmented_stored_and_forwarded_once_across_a_kill(
                      if s["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == second]  # type: ignore[index]
         assert len(forwarded) == 1
         assert len(segs(pacs_client, study)) == 2  # and nothing else was sent
+        assert len(segs(node_client, study, "SR")) == len(segs(pacs_client, study, "SR")) == 2
         assert router.stop() == 0
     finally:
         if router.process is not None and router.process.poll() is None:
@@ -398,6 +409,7 @@ def test_stack_prints_its_addresses_and_ctrl_c_stops_everything(server: object, 
     SIGINT stops them all (the process group is empty after), Orthanc's storage is kept."""
     import requests
 
+    from viewer import study_url
     from wholebody.triton_server import process_group
 
     process = subprocess.Popen(
@@ -417,6 +429,10 @@ def test_stack_prints_its_addresses_and_ctrl_c_stops_everything(server: object, 
         assert requests.get(f"{rest}/system", timeout=10).json()["DicomAet"] == "WHOLEBODY"
         assert addresses["DICOM (C-STORE here)"].startswith("WHOLEBODY@127.0.0.1:")
         assert addresses["Triton gRPC"] == server.grpc_url  # type: ignore[attr-defined]
+        # the OHIF viewer (viewer/, `make viewer` builds it) on Orthanc's own origin, beside DICOMweb
+        assert addresses["viewer"].startswith(f"{rest}/viewer/")
+        page = requests.get(study_url(rest, "1.2.3"), timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=60) == 0
         assert process_group(process.pid) == []
@@ -468,14 +484,42 @@ def test_results_made_again_keep_their_uids(tmp_path: Path) -> None:
     write_ct_series(volume, np.diag([2.0, 2.0, 3.0, 1.0]), tmp_path / "ct")
     (series,) = read_ct_series(tmp_path / "ct")
 
-    def uids(folder: str, seed: str) -> tuple[str, str]:
+    def uids(folder: str, seed: str) -> tuple[str, ...]:
         (tmp_path / folder).mkdir()
-        (seg,) = results_for(series, labels, tmp_path / folder, uid_seed=seed).files
+        seg, sr = results_for(series, labels, tmp_path / folder, uid_seed=seed).files
         ds = pydicom.dcmread(seg, stop_before_pixels=True)
-        assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY"
-        return str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+        report = pydicom.dcmread(sr)
+        assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY" and report.Modality == "SR"
+        return (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(report.SeriesInstanceUID),
+                str(report.SOPInstanceUID))
 
     first = uids("a", f"{series.series_uid}|0.2.5|lowres")
     assert uids("b", f"{series.series_uid}|0.2.5|lowres") == first
     other = uids("c", f"{series.series_uid}|0.2.6|lowres")
-    assert other[0] != first[0] and other[1] != first[1]
+    assert all(a != b for a, b in zip(other, first))
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_results_hold_a_result_whose_sides_are_swapped(tmp_path: Path, swapped: bool) -> None:
+    """The hook runs the quality checks under the site's policy: kidneys on the wrong sides (laterality, "hold"
+    by default) make a hold reason naming them, and the result is still written (stored for review); on their
+    own sides nothing is held. The SR carries the checks (clinical.structured_report reads them back)."""
+    from clinical.dicom_series import read_ct_series, write_ct_series
+    from clinical.structured_report import read_measurement_report
+    from router.results import results_for
+
+    volume = np.full((24, 20, 6), -1000, dtype=np.int16)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    left, right = slice(2, 6), slice(16, 20)  # a diagonal affine: +x (RAS) points to the patient's right
+    labels[left if swapped else right, 6:12, 1:5] = 2  # kidney_right
+    labels[right if swapped else left, 6:12, 1:5] = 3  # kidney_left
+    write_ct_series(volume, np.diag([2.0, 2.0, 3.0, 1.0]), tmp_path / "ct")
+    (series,) = read_ct_series(tmp_path / "ct")
+    made = results_for(series, labels, tmp_path, uid_seed="seed")
+    assert made.quality is not None and len(made.files) == 2
+    if swapped:
+        assert made.hold is not None and "laterality (kidney_left)" in made.hold and "kidney_right" in made.hold
+    else:
+        assert made.hold is None, made.quality.to_dict()
+    structures, scan = read_measurement_report(made.files[1])
+    assert set(structures) == {"kidney_right", "kidney_left"} and scan["held"] is swapped

@@ -29,7 +29,8 @@ from clinical import structures as st
 from clinical.dicom_seg import write_dicom_seg
 from clinical.dicom_series import DicomSeries, read_ct_series, write_ct_series
 from clinical.dicomweb import store
-from tests.orthanc import LocalOrthanc, merged
+from router.orthanc import merge_config
+from tests.orthanc import LocalOrthanc
 from viewer import __main__ as cli
 from viewer import ohif
 from viewer.chromium import BrowserError, chromium_path
@@ -102,7 +103,7 @@ def test_rebase_refuses_another_layout(tmp_path: Path) -> None:
 def test_orthanc_config_merge_extends_plugins_and_merges_objects() -> None:
     base = {"Plugins": ["a.so"], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "HttpPort": 1}
     extra = {"Plugins": ["b.so", "a.so"], "DicomWeb": {"Root": "/dw/"}, "ServeFolders": {"Folders": {"/v": "/x"}}}
-    assert merged(base, extra) == {"Plugins": ["a.so", "b.so"], "DicomWeb": {"Enable": True, "Root": "/dw/"},
+    assert merge_config(base, extra) == {"Plugins": ["a.so", "b.so"], "DicomWeb": {"Enable": True, "Root": "/dw/"},
                                    "HttpPort": 1, "ServeFolders": {"Folders": {"/v": "/x"}}}
     assert base["Plugins"] == ["a.so"]  # not changed in place
 
