@@ -42,7 +42,8 @@ from wholebody.contract import (
     SLIDING_WINDOW,
     network_model_name,
 )
-from wholebody.triton_server import LocalTritonServer, stubs_of
+from wholebody.triton_server import LocalTritonServer
+from wholebody.triton_server.stubs import stubs_of
 from wholebody.validation import MAX_INPUT_VOXELS, MAX_RESAMPLED_VOXELS, SizeLimits, write_size_limits
 
 log = logging.getLogger("perf.hardening")

@@ -19,7 +19,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from wholebody.triton_server import perf_analyzer_env, process_group
+from wholebody.triton_server.perf_analyzer import perf_analyzer_env
+from wholebody.triton_server.processes import process_group
 
 log = logging.getLogger(__name__)
 

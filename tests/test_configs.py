@@ -187,8 +187,7 @@ def test_bad_placement_parameters_are_refused(params: dict[str, str], message: s
 
 def test_the_cpu_default_does_not_load_the_network_models() -> None:
     """With the network in the sliding-window stub, the CPU default loads the two ensembles and three stages; the GPU default all."""
-    from wholebody.served_models import models_to_load
-    from wholebody.triton_server import models_with_config
+    from wholebody.served_models import models_to_load, models_with_config
 
     cpu = models_to_load(MODEL_REPOSITORY, "cpu", models_with_config(MODEL_REPOSITORY, "cpu"))
     assert cpu == sorted(
