@@ -6,27 +6,23 @@ import json
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from wholebody import contract
 from wholebody.contract import MODEL_REPOSITORY
+from wholebody.served_models import model_config, parameters_of, parse_model_config
 
 CONFIG_FILES = sorted(MODEL_REPOSITORY.glob("*/config.pbtxt")) + sorted(MODEL_REPOSITORY.glob("*/configs/*.pbtxt"))
 SHARED_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wholebody_labels.json"
 
 
-def parse(path: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
 def load_models() -> dict[str, model_config_pb2.ModelConfig]:
-    return {p.parent.name: parse(p) for p in MODEL_REPOSITORY.glob("*/config.pbtxt")}
+    return {p.parent.name: model_config(p) for p in MODEL_REPOSITORY.glob("*/config.pbtxt")}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(MODEL_REPOSITORY)))
 def test_config_parses_and_names_its_folder(path: Path) -> None:
-    config = parse(path)
+    config = model_config(path)
     folder = path.parent if path.name == "config.pbtxt" else path.parent.parent
     assert config.name == folder.name
 
@@ -97,7 +93,7 @@ def test_contract_names_match_configs() -> None:
     for resolution in contract.RESOLUTIONS:  # generated for the GPU session only, held to the same contract
         name = contract.network_model_name(resolution, "torch_fp16")
         assert name not in models, f"{name} is unmeasured on a GPU: perf/gpu_session.py generates it"
-        models[name] = text_format.Parse(torch_fp16_config(resolution), model_config_pb2.ModelConfig())
+        models[name] = parse_model_config(torch_fp16_config(resolution))
         assert models[name].name == name
     ensemble = models[contract.ENSEMBLE]
     assert _tensors(ensemble, "input")[contract.IMAGE][1] == (-1, -1, -1)
@@ -116,7 +112,7 @@ def test_cpu_configs_differ_from_gpu_configs_only_in_placement_and_defaults() ->
     tunable = {"default_resolution", "default_network", "sw_batch_size", "memory_format", "huge_pages",
                "placement", "preload_networks", "blend_dtype", "network_config"}
     for cpu_path in MODEL_REPOSITORY.glob("*/configs/cpu.pbtxt"):
-        gpu, cpu = parse(cpu_path.parent.parent / "config.pbtxt"), parse(cpu_path)
+        gpu, cpu = model_config(cpu_path.parent.parent / "config.pbtxt"), model_config(cpu_path)
         assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
         assert [g.kind for g in cpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
         for config in (gpu, cpu):
@@ -143,7 +139,7 @@ def test_size_limits_live_in_the_ensemble_config_only() -> None:
     assert all(int(ensemble.parameters[key].string_value) > 0 for key in limits)
     for path in CONFIG_FILES:
         if path.parent.name != contract.ENSEMBLE:
-            assert not set(limits) & set(parse(path).parameters), f"{path} repeats a size limit"
+            assert not set(limits) & set(model_config(path).parameters), f"{path} repeats a size limit"
 
 
 def test_sliding_window_placement_parameters_are_valid() -> None:
@@ -154,7 +150,7 @@ def test_sliding_window_placement_parameters_are_valid() -> None:
     folder = MODEL_REPOSITORY / contract.SLIDING_WINDOW
     placements = {}
     for path in [folder / "config.pbtxt", *folder.glob("configs/*.pbtxt")]:
-        params = {k: v.string_value for k, v in parse(path).parameters.items()}
+        params = parameters_of(model_config(path))
         placements[path.name], preload = placement_parameters(params)  # what the stage parses at load
         assert params.get("blend_dtype", "float32") in BLEND_DTYPES
         assert params["default_network"] in contract.VARIANTS

@@ -2,8 +2,10 @@
 
 The one parser of config.pbtxt files on the launcher and tools side (`model_config`, `parameters_of`,
 `config_parameters`, `is_ensemble`): tritonclient's `model_config_pb2.ModelConfig` and protobuf's text
-format, as tritonserver itself reads them. (A model.py inside Triton's Python stub gets its config from
-Triton as JSON instead: `wholebody.triton_python.parameters`.) No Triton server, no torch here.
+format, as tritonserver itself reads them. A model.py inside Triton's Python stub gets its config from
+Triton as JSON instead (`args["model_config"]`), as do `get_model_config(..., as_json=True)` callers:
+`json_parameters` reads the parameters of that form. The parameter values are then checked by
+`wholebody.validation` (`choice_parameter`, `int_parameter`, ...). No Triton server, no torch here.
 
 With `placement: in_process` in the sliding-window stage's config, that stage builds the torch
 network itself from the network model's folder (its weights and config parameters): the torch
@@ -15,9 +17,9 @@ perf_analyzer's model-computation row (`--load-model=segresnet_lowres_torch_fp32
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import text_format
 
@@ -45,6 +47,12 @@ def model_config(config_path: Path) -> ModelConfig:
 def parameters_of(config: ModelConfig) -> dict[str, str]:
     """A parsed config's `parameters` as {key: string_value} (also a `get_model_config(...).config`)."""
     return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def json_parameters(config: Mapping[str, Any]) -> dict[str, str]:
+    """The `parameters` of a model config in Triton's JSON form (a Python model's `args["model_config"]`,
+    parsed; `get_model_config(..., as_json=True)["config"]`) as {key: string_value}."""
+    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
 
 
 def config_parameters(config_path: Path) -> dict[str, str]:
