@@ -191,3 +191,49 @@ def test_the_cpu_default_does_not_load_the_network_models() -> None:
     )
     every = [p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt")]
     assert sorted(models_to_load(MODEL_REPOSITORY, None, every)) == sorted(every)
+
+
+def test_every_parameter_parser_raises_config_error() -> None:
+    """One parser of config parameters (wholebody.validation): stages, networks and placement all refuse
+    a bad value with ConfigError naming the parameter, so the model refuses to load."""
+    from wholebody.torch_network import NetworkSettings, placement_parameters
+    from wholebody.validation import ConfigError, choice_parameter, choices_parameter, int_parameter, required_parameter
+
+    bad: list[tuple[object, str]] = [
+        (lambda: required_parameter({"k": ""}, "k"), "must set parameter 'k'"),
+        (lambda: choice_parameter({"k": "c"}, "k", ("a", "b")), r"'k' must be one of \['a', 'b'\], got 'c'"),
+        (lambda: choice_parameter({}, "k", ("a", "b")), "must set parameter 'k'"),
+        (lambda: choices_parameter({"k": "a, x"}, "k", ("a", "b")), r"'k' names \['x'\]; choose from"),
+        (lambda: int_parameter({"k": "2.5"}, "k", 0, 4), "'k' must be an integer"),
+        (lambda: placement_parameters({"placement": "inside"}), "'placement' must be one of"),
+        (lambda: NetworkSettings.from_parameters({"checkpoint": "m.pt", "precision": "fp8"}), "'precision' must be"),
+        (lambda: NetworkSettings("m.pt", fixed_batch=-1), r"'fixed_batch' must be in \[0, "),
+    ]
+    for call, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            call()  # type: ignore[operator]
+    assert choice_parameter({"k": ""}, "k", ("a", "b"), default="b") == "b"
+    assert choices_parameter({"k": " a,,b "}, "k", ("a", "b")) == ["a", "b"]
+    settings = NetworkSettings.from_parameters({"checkpoint": "m.pt", "precision": "amp", "fixed_batch": "4"})
+    assert NetworkSettings.from_parameters(settings.parameters()) == settings
+
+
+def test_an_ensemble_is_told_by_its_parsed_platform(tmp_path: Path) -> None:
+    """models_with_config reads the platform with Triton's schema: a comment naming the ensemble platform
+    does not make a model an ensemble, and a differently spaced `platform:"ensemble"` still is one."""
+    from wholebody.served_models import json_parameters, models_with_config
+
+    configs = {
+        "steps": '# platform: "ensemble" was its old name\nname: "steps"\nbackend: "python"\n',
+        "chain": 'name: "chain"\nplatform:"ensemble"\n',
+        "gpu_only": 'name: "gpu_only"\nplatform: "tensorrt_plan"\n',
+        "cpu_too": 'name: "cpu_too"\nbackend: "python"\n',
+    }
+    for name, text in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.pbtxt").write_text(text)
+    (tmp_path / "cpu_too" / "configs").mkdir()
+    (tmp_path / "cpu_too" / "configs" / "cpu.pbtxt").write_text(configs["cpu_too"])
+    assert models_with_config(tmp_path, "cpu") == ["chain", "cpu_too"]
+    assert models_with_config(tmp_path, None) == sorted(configs)
+    assert json_parameters({"parameters": {"a": {"string_value": "1"}}}) == {"a": "1"}
