@@ -11,7 +11,7 @@ BUNDLE ?=
 # make demo RANDOM_WEIGHTS=1: random weights of the real architecture, no download of the released bundle
 RANDOM_WEIGHTS ?=
 
-.PHONY: setup demo test serve clinical-tools seg-readers render deploy-check
+.PHONY: setup demo test serve clinical-tools seg-readers viewer render deploy-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,18 +26,18 @@ demo: setup
 	$(PY) -m demo $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(filter 1 yes true,$(RANDOM_WEIGHTS)),--random-weights)
 
 # WHOLEBODY_REQUIRE_SEG_READERS: a DICOM-SEG reader that is missing fails its test instead of skipping it
-test: setup clinical-tools seg-readers
-	WHOLEBODY_REQUIRE_SEG_READERS=1 $(PY) -m pytest
+test: setup clinical-tools seg-readers viewer
+	WHOLEBODY_REQUIRE_SEG_READERS=1 WHOLEBODY_REQUIRE_VIEWER=1 $(PY) -m pytest
 
 serve: setup
 	$(PY) -m wholebody.triton_server serve
 
 # Debian tools the clinical tests use: a real PACS (Orthanc with its DICOMweb plugin) and dcm2niix,
-# the reference DICOM -> NIfTI converter; Node.js and npm for OHIF's DICOM-SEG readers (Debian's nodejs
+# the reference DICOM -> NIfTI converter; chromium, headless, which opens the OHIF viewer (docs/viewer.md); Node.js and npm for OHIF's DICOM-SEG readers (Debian's nodejs
 # and npm only where no node/npm command is there: the team's machines have Node.js 20 and npm 11).
 # Installed with apt-get only when missing (CI runs as root on a fresh Debian machine); a package's own
 # service is stopped again: the tests start their own.
-CLINICAL_DEBS := orthanc orthanc-dicomweb dcm2niix
+CLINICAL_DEBS := orthanc orthanc-dicomweb dcm2niix chromium
 CLINICAL_COMMANDS := node=nodejs npm=npm
 clinical-tools:
 	@missing=$$(for p in $(CLINICAL_DEBS); do \
@@ -57,6 +57,12 @@ clinical-tools:
 # cached under .cache/seg-readers/ (remade when those files change). Needs PyPI and the npm registry.
 seg-readers: setup clinical-tools
 	$(PY) -m tests.seg_readers
+
+# The OHIF viewer (npm pack of the @ohif/app pinned in viewer/ohif.json, its prebuilt dist/ rebased onto
+# Orthanc's /viewer/), cached under .cache/ohif/; prints the Orthanc configuration fragment that serves it
+# (ServeFolders plugin of Debian's orthanc). Needs the npm registry once. See docs/viewer.md.
+viewer: setup clinical-tools
+	$(PY) -m viewer --install
 
 # deploy/: render a kustomize overlay (gpu, cpu, gpu-x4) with the pinned kubectl of the [test] extra
 # (Debian 12 has no current kubectl), and the offline checks of the images and manifests.

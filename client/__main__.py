@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seg-encoding", choices=list(ENCODINGS), metavar="ENCODING",
         help=f"DICOM-SEG encoding, one of {', '.join(ENCODINGS)} (default: {DEFAULT_ENCODING}: the 2024 Label Map "
         "SOP class, small; 'binary' for viewers, PACS and pydicom-seg older than it; which reader opens which: "
-        "README, DICOM-SEG). An existing SEG is kept on resume: add --overwrite to rewrite it in another encoding",
+        "docs/clinical-formats.md). An existing SEG is kept on resume: add --overwrite to rewrite it in another encoding",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping them")
     parser.add_argument("--summary", action="store_true", help="print the voxel count of every structure found")

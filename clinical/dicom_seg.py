@@ -12,7 +12,7 @@ algorithm identified as the MONAI bundle. Encodings (`ENCODINGS`, named in `clin
   encoding every reader tested opens (pydicom-seg and readers older than 2024 included).
 
 Which reader opens which encoding is measured by tests/test_clinical_seg_readers.py, and size and
-write/read times by `python -m perf.dicom_seg_benchmark` (README, DICOM-SEG).
+write/read times by `python -m perf.dicom_seg_benchmark` (docs/clinical-formats.md, DICOM-SEG).
 """
 
 from __future__ import annotations

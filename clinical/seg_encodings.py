@@ -9,7 +9,7 @@ pydicom or highdicom (the client imports no DICOM library until DICOM is used).
 - "binary", "binary-jpeg2000": the classic Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4):
   one 1-bit frame per slice and segment (non-empty frames only).
 
-Which readers open which encoding is measured by tests/test_clinical_seg_readers.py (README, DICOM-SEG:
+Which readers open which encoding is measured by tests/test_clinical_seg_readers.py (docs/clinical-formats.md, DICOM-SEG:
 the compatibility table); the default follows from that table and the sizes and times there.
 """
 
@@ -32,7 +32,7 @@ ENCODINGS: dict[str, tuple[str, str]] = {  # name -> (segmentation type, transfe
 }
 # Opened by highdicom, dcmqi 1.5.7 (3D Slicer) and @cornerstonejs/adapters (OHIF), 77x smaller and 3.6x faster
 # to write than "binary" on a whole-body label map; "binary" for readers older than the 2024 SOP class, which
-# every reader tested opens (README, DICOM-SEG: the measured tables and the reasons)
+# every reader tested opens (docs/clinical-formats.md, DICOM-SEG: the measured tables and the reasons)
 DEFAULT_ENCODING = "labelmap-rle"
 
 

@@ -30,8 +30,8 @@ from wholebody.triton_server.install import DEFAULT_CACHE
 log = logging.getLogger("demo")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The demo's flags."""
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's flags; tests/test_docs.py parses the docs' commands with it."""
     parser = argparse.ArgumentParser(
         prog="python -m demo",
         description=__doc__.split("\n\n")[0],
@@ -50,7 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ct", type=Path, help="NIfTI CT to segment (default: a real abdomen CT, 3 mm)")
     parser.add_argument("--resolution", choices=sorted(RESOLUTIONS), default="lowres")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("output"))
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The demo's flags, parsed."""
+    return build_parser().parse_args(argv)
 
 
 def demo_weights(args: argparse.Namespace) -> Weights:

@@ -30,14 +30,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class LocalOrthanc:
-    """`with LocalOrthanc() as pacs:` -> pacs.url (REST), pacs.dicomweb (DICOMweb root)."""
+def merged(config: dict, extra: dict) -> dict:
+    """`config` with `extra` merged in: nested objects merged key by key, lists (e.g. "Plugins") extended,
+    other values replaced."""
+    out = dict(config)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        elif isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = out[key] + [v for v in value if v not in out[key]]
+        else:
+            out[key] = value
+    return out
 
-    def __init__(self, start_timeout_s: float = 60.0) -> None:
+
+class LocalOrthanc:
+    """`with LocalOrthanc() as pacs:` -> pacs.url (REST), pacs.dicomweb (DICOMweb root).
+
+    extra_config: merged into the configuration (`merged`), e.g. viewer.orthanc_settings(dist) to serve
+    the OHIF viewer with the ServeFolders plugin.
+    """
+
+    def __init__(self, start_timeout_s: float = 60.0, extra_config: dict | None = None) -> None:
         for path in (ORTHANC, DICOMWEB_PLUGIN):
             if not Path(path).exists():
                 raise RuntimeError(f"{path} is missing: {INSTALL_HINT}")
         self.start_timeout_s = start_timeout_s
+        self.extra_config = extra_config or {}
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb = f"{self.url}/dicom-web"
@@ -54,7 +73,7 @@ class LocalOrthanc:
                 "HttpThreadsCount": 4, "ConcurrentJobs": 1, "SaveJobs": False,
                 "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             }
-            (self.workdir / "orthanc.json").write_text(json.dumps(config))
+            (self.workdir / "orthanc.json").write_text(json.dumps(merged(config, self.extra_config)))
             self.log = open(self.workdir / "orthanc.log", "wb")
             self.process = subprocess.Popen([ORTHANC, str(self.workdir / "orthanc.json")], stdout=self.log,
                                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,5 +1,5 @@
 """The DICOM-SEG readers people use, run on a SEG file, each reduced to one outcome for
-tests/test_clinical_seg_readers.py (and the README's compatibility table that test holds it to).
+tests/test_clinical_seg_readers.py (and the compatibility table of docs/clinical-formats.md that test holds it to).
 
 Readers and where they come from (all installed by the project's own files):
 

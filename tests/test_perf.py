@@ -189,7 +189,7 @@ def test_latency_breakdown_table(tmp_path: Path) -> None:
 
 
 def test_speedup_table(tmp_path: Path) -> None:
-    """The README's A100 numbers in, the README's ratios out."""
+    """The bundle README's A100 numbers (quoted in docs/performance.md) in, its ratios out."""
     runs = []
     for variant, infer_us in zip(SPEEDUP_VARIANTS, (88_200, 37_100, 39_200, 36_900)):
         name = f"mc-{variant}.csv"

@@ -199,7 +199,8 @@ def install_bundle(bundle_dir: Path, model_repository: Path) -> list[Path]:
     return installed
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser (its subcommands make-test and install); tests/test_docs.py parses the docs' commands."""
     parser = argparse.ArgumentParser(prog="python -m wholebody.bundle", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make-test", help="write a bundle directory with seeded random weights")
@@ -211,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     install.add_argument("--bundle", type=Path, required=True, help="MONAI bundle directory")
     install.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "install":
         try:

@@ -179,7 +179,8 @@ def check(url: str, timeout_s: float) -> str:
     return f"healthy: {', '.join(done)}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser; tests/test_docs.py parses the docs' commands with it."""
     parser = argparse.ArgumentParser(
         prog="python -m wholebody.health",
         description="Liveness check: segment a tiny synthetic CT through the ensemble for each loaded "
@@ -187,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-u", "--url", default="localhost:8001", help="the server's gRPC HOST:PORT")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole check (default 30)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         print(check(args.url, args.timeout))
         return 0

@@ -76,7 +76,7 @@ def preprocess(
         pixdim: target voxel spacing in mm (1.5 or 3.0 per axis).
         resample_dtype: precision of the bilinear resampling. float64 is MONAI's default and gives
             the bundle's labels; float32 halves the memory but can move labels where the network's
-            class margins are small (see the README's parity figures).
+            class margins are small (see docs/faithfulness.md).
     """
     data = MetaTensor(image[None], affine=torch.as_tensor(affine, dtype=torch.float64))
     data = Orientation(axcodes="RAS")(data)

@@ -56,7 +56,7 @@ def sliding_window_label_map(
         progress: called as progress(done, total) after each batch of windows.
         blend_dtype: dtype of the ring of blended logits. float32 is the bundle's; float16 halves
             the ring (105 x 96 x 287 x 287: 3.3 -> 1.7 GB at 1.5 mm) and the traffic of blending
-            fp16 logits, at the cost of near-tied voxels flipping (measured in the README).
+            fp16 logits, at the cost of near-tied voxels flipping (measured in docs/performance.md).
         should_stop: asked before each batch of windows (in Triton: the request's `is_cancelled`);
             True stops the work there: at most one batch is computed after the request is cancelled.
 

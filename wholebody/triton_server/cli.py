@@ -109,7 +109,8 @@ def serve(args: argparse.Namespace) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser (subcommands install and serve); tests/test_docs.py parses the docs' commands with it."""
     parser = argparse.ArgumentParser(
         prog="python -m wholebody.triton_server",
         description="Fetch and run a local Triton server serving the model repository, locked down: "
@@ -175,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         help="an extra tritonserver flag, e.g. --tritonserver-arg=--cuda-memory-pool-byte-size=0:8589934592 "
         "(repeatable; flags of the locks are refused)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "install":
         install = install_tritonserver()
