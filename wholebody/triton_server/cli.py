@@ -47,6 +47,10 @@ def _drain(server: LocalTritonServer, seconds: float) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """`serve`: run the locked server until SIGTERM/SIGINT (then drain and stop) or until it exits by itself.
+
+    Returns the exit status: 0 after a signal, 1 when tritonserver failed or exited, 2 for a bad operator key.
+    """
     # A background job starts with SIGINT ignored, and SIGTERM kills Python without cleanup: own both.
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
@@ -180,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m wholebody.triton_server install|serve ...`; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "install":

@@ -43,6 +43,7 @@ def operator_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
 
 
 def new_operator_key() -> str:
+    """A fresh random operator key: 32 bytes, URL-safe base64 (43 characters, a valid header value)."""
     return secrets.token_urlsafe(32)
 
 
@@ -68,6 +69,7 @@ def read_or_create_operator_key(path: Path) -> str:
 
 
 def is_loopback(address: str) -> bool:
+    """Whether `address` (an IP or "localhost") is a loopback address; a host name other than localhost is not."""
     if address == "localhost":
         return True
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port on `address` that was free a moment ago (the kernel's pick for port 0); OSError if none."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((address, 0))
         return int(s.getsockname()[1])
