@@ -48,6 +48,7 @@ from wholebody.contract import (
     RESOLUTION,
     RESOLUTIONS,
 )
+from wholebody.served_models import parameters_of
 from wholebody.validation import estimated_resampled_voxels  # the server's own estimate; numpy only, no torch
 
 log = logging.getLogger(__name__)
@@ -410,7 +411,7 @@ class SegmentationClient:
             config = self._client.get_model_config(model, client_timeout=self._remaining(self._deadline())).config
         except InferenceServerException as exc:
             raise self._error(exc) from None
-        return {key: value.string_value for key, value in config.parameters.items()}
+        return parameters_of(config)
 
     def label_names(self) -> list[str]:
         """The label names, index = label value, as the server's ensemble config states them."""

@@ -23,8 +23,9 @@ from wholebody.bundle import BundleError, install_bundle
 from wholebody.bundle_download import DEFAULT_TIMEOUT_S, BundleDownloadError, Weights, choose_weights
 from wholebody.contract import MODEL_REPOSITORY, RESOLUTIONS
 from wholebody.sample_data import real_ct
-from wholebody.served_models import models_to_load
-from wholebody.triton_server import DEFAULT_CACHE, LocalTritonServer, models_with_config
+from wholebody.served_models import models_to_load, models_with_config
+from wholebody.triton_server import LocalTritonServer
+from wholebody.triton_server.install import DEFAULT_CACHE
 
 log = logging.getLogger("demo")
 

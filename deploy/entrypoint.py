@@ -295,6 +295,7 @@ def prepare_repository(source: Path, target: Path) -> None:
     A container restart keeps its emptyDir, so the previous start's copy is replaced, never merged.
     A `target` this script did not make is refused rather than deleted.
     """
+    from wholebody.atomic import atomic_path
     from wholebody.bundle import copy_model_repository
 
     if not (source / "wholebody_ct_segmentation" / "config.pbtxt").is_file():
@@ -309,11 +310,10 @@ def prepare_repository(source: Path, target: Path) -> None:
     elif target.exists():
         target.rmdir()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    copy_model_repository(staging, source)
-    (staging / MARKER).write_text(f"copied from {source}\n")
-    staging.rename(target)
+    with atomic_path(target, directory=True) as staging:  # a unique temporary beside it, renamed when complete
+        staging.rmdir()  # copytree makes the folder itself (with the umask's mode)
+        copy_model_repository(staging, source)
+        (staging / MARKER).write_text(f"copied from {source}\n")
 
 
 def run_step(name: str, cmd: Sequence[str]) -> None:

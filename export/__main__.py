@@ -41,7 +41,7 @@ from export.validate import (
 from wholebody.bundle import BundleError, checkpoint_path, load_network
 from wholebody.contract import MODEL_REPOSITORY, RESOLUTIONS, network_model_name
 from wholebody.sample_data import real_ct
-from wholebody.triton_server import DEFAULT_CACHE
+from wholebody.triton_server.install import DEFAULT_CACHE
 
 log = logging.getLogger("export")
 

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.common import ExportError, Runner, write_atomically
+from export.common import ExportError, Runner
+from wholebody.atomic import atomic_write_bytes
 from wholebody.contract import IN_CHANNELS, LOGITS, NUM_CLASSES, ROI_SIZE, WINDOW
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def build_via_onnx(onnx_path: Path, spec: EngineSpec) -> bytes:
     if serialized is None:
         raise ExportError(f"TensorRT {trt.__version__} failed to build the {spec.precision} engine (see its log above)")
     spec.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(spec.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    atomic_write_bytes(spec.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.common import write_atomically
+from wholebody.atomic import atomic_write_bytes
 from wholebody.contract import IN_CHANNELS, LOGITS, NUM_CLASSES, ROI_SIZE, WINDOW
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ def install_plan(repository: Path, config: mc.ModelConfig, plan: bytes, validati
     model_dir = Path(repository) / config.name
     version_dir = model_dir / VERSION
     version_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(version_dir / VALIDATION, validation)
-    write_atomically(version_dir / PLAN, plan)
-    write_atomically(model_dir / CONFIG, text_format.MessageToString(config))
+    atomic_write_bytes(version_dir / VALIDATION, validation)
+    atomic_write_bytes(version_dir / PLAN, plan)
+    atomic_write_bytes(model_dir / CONFIG, text_format.MessageToString(config))
     log.info("installed %s (%.1f MB plan)", model_dir, len(plan) / 1e6)
     return model_dir

@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     has_gpu = bool(machine["gpus"])
 
     with contextlib.ExitStack() as stack:
-        from wholebody.triton_server import LocalTritonServer, install_perf_analyzer
+        from wholebody.triton_server import LocalTritonServer
+        from wholebody.triton_server.perf_analyzer import install_perf_analyzer
 
         binary = install_perf_analyzer()
         url, metrics_url, server_pid = args.url, args.metrics_url, args.server_pid

@@ -42,7 +42,9 @@ from wholebody.contract import (
     SLIDING_WINDOW,
     network_model_name,
 )
-from wholebody.triton_server import LocalTritonServer, stubs_of
+from wholebody.served_models import parameters_of
+from wholebody.triton_server import LocalTritonServer
+from wholebody.triton_server.stubs import stubs_of
 from wholebody.validation import MAX_INPUT_VOXELS, MAX_RESAMPLED_VOXELS, SizeLimits, write_size_limits
 
 log = logging.getLogger("perf.hardening")
@@ -111,8 +113,7 @@ def unregister(client: grpcclient.InferenceServerClient, name: str, timeout_s: f
 def client_refusal(client: grpcclient.InferenceServerClient, shape: tuple[int, int, int]) -> tuple[str, float]:
     """What a client does first: read the limits from the ensemble's config and refuse locally."""
     started = time.monotonic()
-    params = {k: v.string_value for k, v in client.get_model_config(ENSEMBLE).config.parameters.items()}
-    limits = SizeLimits.from_parameters(params)
+    limits = SizeLimits.from_parameters(parameters_of(client.get_model_config(ENSEMBLE).config))
     try:
         limits.check_input(shape)
         outcome = "would send"

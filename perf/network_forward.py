@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wholebody.triton_server import DEFAULT_CACHE
+from wholebody.triton_server.install import DEFAULT_CACHE
 
 log = logging.getLogger("perf.network_forward")
 

@@ -42,7 +42,8 @@ from wholebody.contract import (
 from wholebody.reference import reference_segmentation
 from wholebody.served_models import models_to_load
 from wholebody.sample_data import real_ct, synthetic_ct
-from wholebody.triton_server import DEFAULT_CACHE, LocalTritonServer
+from wholebody.triton_server import LocalTritonServer
+from wholebody.triton_server.install import DEFAULT_CACHE
 
 log = logging.getLogger("perf.reference_comparison")
 

@@ -19,7 +19,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from wholebody.triton_server import perf_analyzer_env, process_group
+from wholebody.served_models import json_parameters
+from wholebody.triton_server.perf_analyzer import perf_analyzer_env
+from wholebody.triton_server.processes import process_group
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def server_info(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
         config = client.get_model_config(entry["name"], as_json=True)["config"]
         kinds = {g.get("kind", "KIND_GPU") for g in config.get("instance_group", [])}
         platform = config.get("platform") or config.get("backend", "")
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        params = json_parameters(config)
         models[entry["name"]] = {
             "device": "GPU" if platform == "tensorrt_plan" or "KIND_GPU" in kinds else "CPU",
             "platform": platform,

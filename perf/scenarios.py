@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from wholebody.atomic import atomic_write
+from wholebody.atomic import atomic_write_bytes
 from wholebody.contract import (
     AFFINE,
     ENSEMBLE,
@@ -330,7 +330,7 @@ def write_inputs(inputs_root: Path, scenario: Scenario, variant: str) -> Path:
         path = folder / WINDOW
         if not path.exists() or path.stat().st_size != 4 * IN_CHANNELS * int(np.prod(ROI_SIZE)):
             window = np.random.default_rng(spec.seed).standard_normal((IN_CHANNELS, *ROI_SIZE), dtype=np.float32)
-            _write_atomically(path, window.tobytes())
+            atomic_write_bytes(path, window.tobytes())
         return folder
     ct = Path(inputs_root) / spec.key
     ct.mkdir(parents=True, exist_ok=True)
@@ -338,8 +338,8 @@ def write_inputs(inputs_root: Path, scenario: Scenario, variant: str) -> Path:
         from wholebody.sample_data import synthetic_ct
 
         image = synthetic_ct(spec.shape, spec.spacing, seed=spec.seed)
-        _write_atomically(ct / AFFINE, np.ascontiguousarray(image.affine, dtype="<f8").tobytes())
-        _write_atomically(ct / IMAGE, np.ascontiguousarray(np.asarray(image.dataobj), dtype="<f4").tobytes())
+        atomic_write_bytes(ct / AFFINE, np.ascontiguousarray(image.affine, dtype="<f8").tobytes())
+        atomic_write_bytes(ct / IMAGE, np.ascontiguousarray(np.asarray(image.dataobj), dtype="<f4").tobytes())
     for name in (IMAGE, AFFINE):
         link = folder / name
         if not link.exists():
@@ -347,11 +347,6 @@ def write_inputs(inputs_root: Path, scenario: Scenario, variant: str) -> Path:
     (folder / RESOLUTION).write_text(scenario.resolution + "\n")
     (folder / NETWORK).write_text(variant + "\n")
     return folder
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all (`wholebody.atomic`); raises OSError if it cannot."""
-    atomic_write(path, lambda stream: stream.write(data))
 
 
 def perf_analyzer_command(

@@ -33,7 +33,7 @@ from perf.run import machine_info
 from tests.orthanc import LocalOrthanc
 from viewer import ohif
 from wholebody.sample_data import real_ct, real_label_map
-from wholebody.triton_server import DEFAULT_CACHE
+from wholebody.triton_server.install import DEFAULT_CACHE
 
 CROP = (slice(0, 120), slice(0, 96))  # tests/test_viewer.py's: BINARY frames of whole bytes
 STAGES = ("orthanc", "store", "browser", "prompt", "panel")

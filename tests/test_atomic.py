@@ -19,7 +19,7 @@ import pytest
 from client.inputs import Scan, Volume, discover
 from client.outputs import TEMPORARY_NAME_EXTRA, make_writers, plan_outputs
 from clinical.dicom_series import write_ct_series
-from wholebody.atomic import TEMPORARY_SUFFIX, atomic_path, atomic_write
+from wholebody.atomic import TEMPORARY_SUFFIX, atomic_path, atomic_write, atomic_write_bytes
 
 ALL_OUTPUTS = make_writers(["nifti", "dicom-seg", "seg-nrrd"], statistics=True, preview=True)
 
@@ -92,6 +92,24 @@ def test_files_and_folders_of_atomic_path_get_their_mode_from_the_umask(
     atomic_write(tmp_path / "stream.bin", lambda stream: stream.write(b"x"))
     assert mode(tmp_path / "file.json") == mode(tmp_path / "stream.bin") == file_mode
     assert mode(tmp_path / "folder") == folder_mode and (tmp_path / "folder" / "inside.dcm").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "program_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_the_server_tools_files_get_their_mode_from_the_umask(
+    tmp_path: Path, umask: Callable[[int], None], mask: int, file_mode: int, program_mode: int
+) -> None:
+    """The exporter's configs and plans (atomic_write_bytes) and the launcher's unpacked programs
+    (make_executable: execute wherever read) follow the umask too."""
+    from wholebody.triton_server.install import make_executable
+
+    umask(mask)
+    config = atomic_write_bytes(tmp_path / "config.pbtxt", 'name: "m"\n')
+    with atomic_path(tmp_path / "perf_analyzer") as tmp:
+        tmp.write_bytes(b"\x7fELF")
+        make_executable(tmp)
+    assert config.read_text() == 'name: "m"\n' and (tmp_path / "perf_analyzer").read_bytes() == b"\x7fELF"
+    assert (oct(mode(config)), oct(mode(tmp_path / "perf_analyzer"))) == (oct(file_mode), oct(program_mode))
+    assert not leftovers(tmp_path)
 
 
 def test_the_temporary_name_is_hidden_unique_and_as_long_as_the_client_checks(tmp_path: Path) -> None:

@@ -37,7 +37,8 @@ from wholebody.client_regions import (
 from wholebody.contract import REPO_ROOT
 from wholebody.health import answered_requests
 from wholebody.sample_data import synthetic_ct
-from wholebody.triton_server import ClientRegionReclaimer, LocalTritonServer
+from wholebody.triton_server import LocalTritonServer
+from wholebody.triton_server.regions import ClientRegionReclaimer
 
 log = logging.getLogger(__name__)
 

@@ -6,19 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from clinical import structures
 from wholebody import contract
+from wholebody.served_models import config_parameters
 
 SHARED_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wholebody_labels.json"
 
 
 def test_names_agree_with_the_ensemble_config_label_names() -> None:
     path = contract.MODEL_REPOSITORY / contract.ENSEMBLE / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    served = config.parameters[contract.LABEL_NAMES_PARAMETER].string_value.split(",")
+    served = config_parameters(path)[contract.LABEL_NAMES_PARAMETER].split(",")
     assert structures.label_names() == served
     assert len(served) == contract.NUM_CLASSES
     if SHARED_LABELS.exists():  # the team's copy of the bundle's metadata, where it is at hand

@@ -6,27 +6,23 @@ import json
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from wholebody import contract
 from wholebody.contract import MODEL_REPOSITORY
+from wholebody.served_models import model_config, parameters_of, parse_model_config
 
 CONFIG_FILES = sorted(MODEL_REPOSITORY.glob("*/config.pbtxt")) + sorted(MODEL_REPOSITORY.glob("*/configs/*.pbtxt"))
 SHARED_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wholebody_labels.json"
 
 
-def parse(path: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
 def load_models() -> dict[str, model_config_pb2.ModelConfig]:
-    return {p.parent.name: parse(p) for p in MODEL_REPOSITORY.glob("*/config.pbtxt")}
+    return {p.parent.name: model_config(p) for p in MODEL_REPOSITORY.glob("*/config.pbtxt")}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(MODEL_REPOSITORY)))
 def test_config_parses_and_names_its_folder(path: Path) -> None:
-    config = parse(path)
+    config = model_config(path)
     folder = path.parent if path.name == "config.pbtxt" else path.parent.parent
     assert config.name == folder.name
 
@@ -97,7 +93,7 @@ def test_contract_names_match_configs() -> None:
     for resolution in contract.RESOLUTIONS:  # generated for the GPU session only, held to the same contract
         name = contract.network_model_name(resolution, "torch_fp16")
         assert name not in models, f"{name} is unmeasured on a GPU: perf/gpu_session.py generates it"
-        models[name] = text_format.Parse(torch_fp16_config(resolution), model_config_pb2.ModelConfig())
+        models[name] = parse_model_config(torch_fp16_config(resolution))
         assert models[name].name == name
     ensemble = models[contract.ENSEMBLE]
     assert _tensors(ensemble, "input")[contract.IMAGE][1] == (-1, -1, -1)
@@ -116,7 +112,7 @@ def test_cpu_configs_differ_from_gpu_configs_only_in_placement_and_defaults() ->
     tunable = {"default_resolution", "default_network", "sw_batch_size", "memory_format", "huge_pages",
                "placement", "preload_networks", "blend_dtype", "network_config"}
     for cpu_path in MODEL_REPOSITORY.glob("*/configs/cpu.pbtxt"):
-        gpu, cpu = parse(cpu_path.parent.parent / "config.pbtxt"), parse(cpu_path)
+        gpu, cpu = model_config(cpu_path.parent.parent / "config.pbtxt"), model_config(cpu_path)
         assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
         assert [g.kind for g in cpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
         for config in (gpu, cpu):
@@ -143,7 +139,7 @@ def test_size_limits_live_in_the_ensemble_config_only() -> None:
     assert all(int(ensemble.parameters[key].string_value) > 0 for key in limits)
     for path in CONFIG_FILES:
         if path.parent.name != contract.ENSEMBLE:
-            assert not set(limits) & set(parse(path).parameters), f"{path} repeats a size limit"
+            assert not set(limits) & set(model_config(path).parameters), f"{path} repeats a size limit"
 
 
 def test_sliding_window_placement_parameters_are_valid() -> None:
@@ -154,7 +150,7 @@ def test_sliding_window_placement_parameters_are_valid() -> None:
     folder = MODEL_REPOSITORY / contract.SLIDING_WINDOW
     placements = {}
     for path in [folder / "config.pbtxt", *folder.glob("configs/*.pbtxt")]:
-        params = {k: v.string_value for k, v in parse(path).parameters.items()}
+        params = parameters_of(model_config(path))
         placements[path.name], preload = placement_parameters(params)  # what the stage parses at load
         assert params.get("blend_dtype", "float32") in BLEND_DTYPES
         assert params["default_network"] in contract.VARIANTS
@@ -187,8 +183,7 @@ def test_bad_placement_parameters_are_refused(params: dict[str, str], message: s
 
 def test_the_cpu_default_does_not_load_the_network_models() -> None:
     """With the network in the sliding-window stub, the CPU default loads the two ensembles and three stages; the GPU default all."""
-    from wholebody.served_models import models_to_load
-    from wholebody.triton_server import models_with_config
+    from wholebody.served_models import models_to_load, models_with_config
 
     cpu = models_to_load(MODEL_REPOSITORY, "cpu", models_with_config(MODEL_REPOSITORY, "cpu"))
     assert cpu == sorted(
@@ -196,3 +191,49 @@ def test_the_cpu_default_does_not_load_the_network_models() -> None:
     )
     every = [p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt")]
     assert sorted(models_to_load(MODEL_REPOSITORY, None, every)) == sorted(every)
+
+
+def test_every_parameter_parser_raises_config_error() -> None:
+    """One parser of config parameters (wholebody.validation): stages, networks and placement all refuse
+    a bad value with ConfigError naming the parameter, so the model refuses to load."""
+    from wholebody.torch_network import NetworkSettings, placement_parameters
+    from wholebody.validation import ConfigError, choice_parameter, choices_parameter, int_parameter, required_parameter
+
+    bad: list[tuple[object, str]] = [
+        (lambda: required_parameter({"k": ""}, "k"), "must set parameter 'k'"),
+        (lambda: choice_parameter({"k": "c"}, "k", ("a", "b")), r"'k' must be one of \['a', 'b'\], got 'c'"),
+        (lambda: choice_parameter({}, "k", ("a", "b")), "must set parameter 'k'"),
+        (lambda: choices_parameter({"k": "a, x"}, "k", ("a", "b")), r"'k' names \['x'\]; choose from"),
+        (lambda: int_parameter({"k": "2.5"}, "k", 0, 4), "'k' must be an integer"),
+        (lambda: placement_parameters({"placement": "inside"}), "'placement' must be one of"),
+        (lambda: NetworkSettings.from_parameters({"checkpoint": "m.pt", "precision": "fp8"}), "'precision' must be"),
+        (lambda: NetworkSettings("m.pt", fixed_batch=-1), r"'fixed_batch' must be in \[0, "),
+    ]
+    for call, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            call()  # type: ignore[operator]
+    assert choice_parameter({"k": ""}, "k", ("a", "b"), default="b") == "b"
+    assert choices_parameter({"k": " a,,b "}, "k", ("a", "b")) == ["a", "b"]
+    settings = NetworkSettings.from_parameters({"checkpoint": "m.pt", "precision": "amp", "fixed_batch": "4"})
+    assert NetworkSettings.from_parameters(settings.parameters()) == settings
+
+
+def test_an_ensemble_is_told_by_its_parsed_platform(tmp_path: Path) -> None:
+    """models_with_config reads the platform with Triton's schema: a comment naming the ensemble platform
+    does not make a model an ensemble, and a differently spaced `platform:"ensemble"` still is one."""
+    from wholebody.served_models import json_parameters, models_with_config
+
+    configs = {
+        "steps": '# platform: "ensemble" was its old name\nname: "steps"\nbackend: "python"\n',
+        "chain": 'name: "chain"\nplatform:"ensemble"\n',
+        "gpu_only": 'name: "gpu_only"\nplatform: "tensorrt_plan"\n',
+        "cpu_too": 'name: "cpu_too"\nbackend: "python"\n',
+    }
+    for name, text in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.pbtxt").write_text(text)
+    (tmp_path / "cpu_too" / "configs").mkdir()
+    (tmp_path / "cpu_too" / "configs" / "cpu.pbtxt").write_text(configs["cpu_too"])
+    assert models_with_config(tmp_path, "cpu") == ["chain", "cpu_too"]
+    assert models_with_config(tmp_path, None) == sorted(configs)
+    assert json_parameters({"parameters": {"a": {"string_value": "1"}}}) == {"a": "1"}

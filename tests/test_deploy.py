@@ -276,11 +276,12 @@ def test_pipeline_shared_memory_worst_case_follows_the_input_limit() -> None:
 
 def test_gpu_configs_use_every_gpu_the_pod_is_given() -> None:
     """KIND_GPU instance groups name no `gpus:`, so Triton puts `count` instances on each visible GPU."""
-    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
+    from wholebody.served_models import model_config
+
     for config_path in sorted(MODEL_REPOSITORY.glob("*/config.pbtxt")):
-        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+        config = model_config(config_path)
         for group in config.instance_group:
             if group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU:
                 assert list(group.gpus) == [], f"{config_path} pins GPUs {list(group.gpus)}"

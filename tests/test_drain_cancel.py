@@ -18,7 +18,9 @@ from tritonclient.utils import InferenceServerException
 
 from tests.test_hardening import _alive, _children, _strings, _tensor, ensemble_inputs
 from wholebody.contract import ENSEMBLE, LABEL_MAP, NORMALIZED_IMAGE, PREPROCESS, SLIDING_WINDOW
-from wholebody.triton_server import LocalTritonServer, _free_port, cpu_seconds, process_group
+from wholebody.triton_server import LocalTritonServer
+from wholebody.triton_server.ports import free_port
+from wholebody.triton_server.processes import cpu_seconds, process_group
 
 
 def _ready(http_port: int) -> bool:
@@ -32,7 +34,7 @@ def _ready(http_port: int) -> bool:
 def test_sigterm_drains_the_scans_in_flight(test_model_repository: Path, tmp_path: Path) -> None:
     """Three scans in flight (one in sliding_window, two queued) when the launcher gets SIGTERM: the
     server turns not ready at once, refuses a new scan, answers all three, then exits and cleans up."""
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     log = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "wholebody.triton_server", "serve", "--model-repository", str(test_model_repository),
            "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),

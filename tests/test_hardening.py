@@ -48,14 +48,12 @@ from wholebody.contract import (
     WINDOW,
     network_model_name,
 )
-from wholebody.triton_server import (
-    LocalTritonServer,
-    StubWatchdog,
-    _free_port,
-    operator_headers,
-    process_group,
-    stub_models,
-)
+from wholebody.triton_server import LocalTritonServer
+from wholebody.triton_server.locks import operator_headers
+from wholebody.triton_server.ports import free_port
+from wholebody.triton_server.processes import process_group
+from wholebody.triton_server.stubs import stub_models
+from wholebody.triton_server.watchdog import StubWatchdog
 from wholebody.validation import ConfigError, InvalidRequestError, SizeLimits, float_parameter
 
 NETWORK_MODEL = network_model_name("lowres", "torch_fp32")
@@ -337,7 +335,7 @@ def _children(pid: int) -> list[int]:
 def test_launcher_stops_server_and_stubs_and_leaves_no_shared_memory(
     test_model_repository: Path, tmp_path: Path, how: str
 ) -> None:
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     log = tmp_path / "server.log"
     launcher = _launch(test_model_repository, ports, log, ignore_sigint=how != "SIGTERM")
     try:
@@ -373,7 +371,7 @@ def test_launcher_refuses_a_busy_port_and_leaves_the_other_servers_log_alone(
     assert server.log_path is not None
     other_log = Path(server.log_path)
     head = other_log.read_bytes()
-    launcher = _launch(test_model_repository, [_free_port(), server.http_port, _free_port()], tmp_path / "mine.log")
+    launcher = _launch(test_model_repository, [free_port(), server.http_port, free_port()], tmp_path / "mine.log")
     out, _ = launcher.communicate(timeout=60)
     assert launcher.returncode != 0
     assert f"http port {server.http_port} on 127.0.0.1 is in use" in out.decode()

@@ -35,7 +35,7 @@ from viewer import __main__ as cli
 from viewer import ohif
 from viewer.chromium import BrowserError, chromium_path
 from wholebody.sample_data import real_ct, real_label_map
-from wholebody.triton_server import DEFAULT_CACHE
+from wholebody.triton_server.install import DEFAULT_CACHE
 
 log = logging.getLogger(__name__)
 REQUIRED = os.environ.get("WHOLEBODY_REQUIRE_VIEWER", "") not in ("", "0")

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         if args.install:
-            from wholebody.triton_server import DEFAULT_CACHE
+            from wholebody.triton_server.install import DEFAULT_CACHE
 
             dist = ohif.ensure_viewer(args.cache or DEFAULT_CACHE, mount=args.mount)
             print(json.dumps(ohif.orthanc_settings(dist, mount=args.mount), indent=2))

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-from wholebody.atomic import atomic_path, atomic_write
+from wholebody.atomic import atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _replace(path: Path, old: str, new: str, at_least: int) -> None:
         raise ViewerError(f"{path.name} of @ohif/app has {count} x {old!r} (expected >= {at_least}): this build "
                           "differs from the one viewer/ohif.py rebases; pin the version in viewer/ohif.json it knows")
     if count:
-        atomic_write(path, lambda stream: stream.write(text.replace(old, new).encode()))
+        atomic_write_bytes(path, text.replace(old, new))
 
 
 def rebase(dist: Path, mount: str) -> None:
@@ -169,7 +169,7 @@ def rebase(dist: Path, mount: str) -> None:
             _replace(bundle, '__webpack_require__.p = "/";', f'__webpack_require__.p = "{prefix}";', at_least=0)
     for css in dist.glob("*.css"):
         _replace(css, "url(/", f"url({prefix}", at_least=0)
-    atomic_write(dist / "app-config.js", lambda stream: stream.write(app_config(mount).encode()))
+    atomic_write_bytes(dist / "app-config.js", app_config(mount))
     for mode in MODES:
         (dist / mode).mkdir(exist_ok=True)
         shutil.copy2(index, dist / mode / DATA_SOURCE)

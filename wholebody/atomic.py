@@ -18,6 +18,7 @@ Standard library only: the client imports it without torch, MONAI or the DICOM l
     with atomic_path(target) as tmp:          # a path: for writers that take a file name
         nrrd.write(str(tmp), labels, header)
     atomic_write(target, lambda stream: stream.write(data))   # a binary stream
+    atomic_write_bytes(target, data)                          # bytes or text at hand
     with atomic_path(folder, directory=True) as tmp:           # a folder filled, then renamed
         ...
 """
@@ -147,3 +148,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     except BaseException:
         _remove(temporary)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | str, *, fsync: bool = False) -> Path:
+    """`atomic_write` of `data` (str: UTF-8) to `path`; returns `path` as a Path. Raises OSError as it does."""
+    payload = data.encode() if isinstance(data, str) else data
+    atomic_write(path, lambda stream: stream.write(payload), fsync=fsync)
+    return Path(path)

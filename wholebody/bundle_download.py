@@ -9,8 +9,8 @@ each URL in turn: MONAI's NGC "monaihosting" archive, then the model zoo's GitHu
 before any request), with no timeout to bound. MONAI's download has no timeout either (urllib's
 `urlretrieve`), so every socket operation is bounded here with `socket.setdefaulttimeout`.
 
-The archive is downloaded and unpacked in a staging folder, then verified before it is moved into the
-cache: `configs/metadata.json` names the expected version, each checkpoint has the md5 of the release
+The archive is downloaded and unpacked in the cache folder's unique temporary (`wholebody.atomic`), then
+verified before that is renamed into place: `configs/metadata.json` names the expected version, each checkpoint has the md5 of the release
 (the bundle's large-files list) and loads into the bundle's `network_def` (`wholebody.bundle`'s own
 check, the one `install_bundle` makes). A cached bundle is reused after its md5s are checked again.
 
@@ -28,13 +28,13 @@ import logging
 import shutil
 import socket
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from wholebody.atomic import atomic_path
 from wholebody.bundle import BundleError, build_network, checkpoint_path, load_checkpoint, make_test_bundle
 from wholebody.bundle import read_network_def
 from wholebody.contract import RESOLUTIONS
@@ -185,18 +185,21 @@ def fetch_released_bundle(
     root.mkdir(parents=True, exist_ok=True)
     reasons = []
     for url in urls if urls is not None else released_bundle_urls(name, version):
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
         try:
-            bundle = _download_one(url, staging, name, version, timeout)
-            verify_bundle(bundle, version, expected_md5)
-            shutil.rmtree(target, ignore_errors=True)
-            bundle.rename(target)
-            (target / VERIFIED_MARKER).write_text(f"{url}\n")
+            # downloaded, unpacked and verified inside the target's unique temporary, renamed when complete
+            with atomic_path(target, directory=True) as temporary:
+                download = temporary / ".download"
+                download.mkdir()
+                bundle = _download_one(url, download, name, version, timeout)
+                verify_bundle(bundle, version, expected_md5)
+                for part in list(bundle.iterdir()):
+                    part.rename(temporary / part.name)
+                shutil.rmtree(download)  # the archive (and the folder the bundle came in)
+                (temporary / VERIFIED_MARKER).write_text(f"{url}\n")
+                shutil.rmtree(target, ignore_errors=True)  # a cached copy that no longer verified
             return target, f"downloaded from {url}"
         except BundleDownloadError as exc:
             reasons.append(f"{urlparse(url).netloc or url}: {exc}")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     raise BundleDownloadError("; ".join(reasons) or "no URL to download from")
 
 

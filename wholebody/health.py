@@ -40,6 +40,7 @@ from wholebody.contract import (
     VARIANTS,
     network_model_name,
 )
+from wholebody.served_models import json_parameters
 
 # 12^3 voxels of 3 mm (one window at either resolution): a soft-tissue block in air.
 PROBE_SHAPE = (12, 12, 12)
@@ -73,9 +74,9 @@ def plan(client: Any, timeout_s: float) -> tuple[list[Probe], list[str]]:
     per resolution with the sliding window's default network; progress = preprocess's executions.
     """
     config = client.get_model_config(SLIDING_WINDOW, as_json=True, client_timeout=timeout_s)["config"]
-    parameters = config.get("parameters", {})
-    default = parameters.get("default_network", {}).get("string_value", "")
-    if parameters.get("placement", {}).get("string_value", "") == "in_process":
+    parameters = json_parameters(config)
+    default = parameters.get("default_network", "")
+    if parameters.get("placement", "") == "in_process":
         if default not in TORCH_VARIANTS:
             raise Unhealthy(f"{SLIDING_WINDOW} runs the network in-process but its default network is {default!r}")
         return [Probe(resolution, default) for resolution in RESOLUTIONS], [PREPROCESS]

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from wholebody.atomic import atomic_path, atomic_write
-from wholebody.triton_server import DEFAULT_CACHE
+from wholebody.triton_server.install import DEFAULT_CACHE
 
 log = logging.getLogger(__name__)
 

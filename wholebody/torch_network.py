@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from google.protobuf import text_format
@@ -31,7 +32,14 @@ from google.protobuf import text_format
 from wholebody.bundle import build_network, load_checkpoint
 from wholebody.contract import IN_CHANNELS, ROI_SIZE, TORCH_VARIANTS, TRT_VARIANTS
 from wholebody.layout import channels_last
-from wholebody.served_models import model_config
+from wholebody.served_models import model_config, parameters_of
+from wholebody.validation import (
+    ConfigError,
+    choice_parameter,
+    choices_parameter,
+    int_parameter,
+    required_parameter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +52,15 @@ MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": tor
 # is overwritten by the next call, which the sliding window allows (it blends a batch before asking
 # for the next) and the network model handles by copying (`TorchNetwork.owned_output`).
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
-
-
-def _choice(params: Mapping[str, str], key: str, choices: tuple[str, ...] | list[str], default: str) -> str:
-    value = params.get(key) or default
-    if value not in choices:
-        raise ValueError(f"parameter {key!r} must be one of {list(choices)}, got {value!r}")
-    return value
+# `fixed_batch` at most: 1024 windows of 96^3 float32 are 3.6 GB of input alone, beyond any card's use here
+MAX_FIXED_BATCH = 1024
 
 
 @dataclass(frozen=True)
 class NetworkSettings:
     """How a torch network model computes: its config `parameters`, parsed and checked.
 
-    Raises ValueError (naming the parameter and its allowed values) for a bad value.
+    Raises ConfigError (a ValueError naming the parameter and its allowed values) for a bad value.
     """
 
     checkpoint: str
@@ -66,50 +69,45 @@ class NetworkSettings:
     compile: str = "none"
     fixed_batch: int = 0  # 0: run each batch as it comes
 
-    def __post_init__(self) -> None:
-        _choice({"precision": self.precision}, "precision", PRECISIONS, "fp32")
-        _choice({"memory_format": self.memory_format}, "memory_format", list(MEMORY_FORMATS), "contiguous")
-        _choice({"compile": self.compile}, "compile", COMPILE_MODES, "none")
-        if not self.checkpoint:
-            raise ValueError("config.pbtxt must set parameter 'checkpoint'")
-        if self.fixed_batch < 0:
-            raise ValueError(f"parameter 'fixed_batch' must be >= 0, got {self.fixed_batch}")
+    def __post_init__(self) -> None:  # settings made in code get the checks of those read from a config
+        self._parse(self.parameters())
+
+    def parameters(self) -> dict[str, str]:
+        """These settings as config parameters ({key: string_value})."""
+        return {"checkpoint": self.checkpoint, "precision": self.precision, "memory_format": self.memory_format,
+                "compile": self.compile, "fixed_batch": str(self.fixed_batch)}
+
+    @staticmethod
+    def _parse(params: Mapping[str, str]) -> dict[str, Any]:
+        """The constructor's arguments from config parameters, checked (ConfigError)."""
+        return {
+            "precision": choice_parameter(params, "precision", PRECISIONS),
+            "checkpoint": required_parameter(params, "checkpoint"),
+            "memory_format": choice_parameter(params, "memory_format", list(MEMORY_FORMATS), "contiguous"),
+            "compile": choice_parameter(params, "compile", COMPILE_MODES, "none"),
+            "fixed_batch": int_parameter(params, "fixed_batch", 0, MAX_FIXED_BATCH, default=0),
+        }
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str]) -> NetworkSettings:
-        """From a config's {key: string_value}; `precision` and `checkpoint` are required."""
-        if not params.get("precision"):
-            raise ValueError("config.pbtxt must set parameter 'precision'")
-        try:
-            fixed_batch = int(params.get("fixed_batch") or 0)
-        except ValueError:
-            raise ValueError(f"parameter 'fixed_batch' must be an integer, got {params['fixed_batch']!r}") from None
-        return cls(
-            checkpoint=params.get("checkpoint", ""),
-            precision=params["precision"],
-            memory_format=params.get("memory_format") or "contiguous",
-            compile=params.get("compile") or "none",
-            fixed_batch=fixed_batch,
-        )
+        """From a config's {key: string_value}; `precision` and `checkpoint` are required. Raises ConfigError."""
+        return cls(**cls._parse(params))
 
 
 def placement_parameters(params: Mapping[str, str]) -> tuple[str, list[str]]:
     """The sliding-window stage's `placement` and `preload_networks` parameters, checked.
 
     `placement`: `bls` (default) or `in_process`; `preload_networks`: comma-separated torch
-    variants, only with `in_process`. Raises ValueError naming the parameter and the fix, also for a
+    variants, only with `in_process`. Raises ConfigError naming the parameter and the fix, also for a
     `default_network` that is a TensorRT plan under `in_process` (plans run by BLS only).
     """
-    placement = _choice(params, "placement", PLACEMENTS, "bls")
-    preload = [v.strip() for v in (params.get("preload_networks") or "").split(",") if v.strip()]
-    unknown = [v for v in preload if v not in TORCH_VARIANTS]
-    if unknown:
-        raise ValueError(f"parameter 'preload_networks' names {unknown}; choose from {list(TORCH_VARIANTS)}")
+    placement = choice_parameter(params, "placement", PLACEMENTS, "bls")
+    preload = choices_parameter(params, "preload_networks", TORCH_VARIANTS)
     if preload and placement != "in_process":
-        raise ValueError("parameter 'preload_networks' needs placement 'in_process'")
+        raise ConfigError("parameter 'preload_networks' needs placement 'in_process'")
     default = params.get("default_network", "")
     if placement == "in_process" and default in TRT_VARIANTS:
-        raise ValueError(f"default_network {default!r} is a TensorRT plan: it runs by BLS only; set placement 'bls' "
+        raise ConfigError(f"default_network {default!r} is a TensorRT plan: it runs by BLS only; set placement 'bls' "
                          f"or a torch default_network ({', '.join(TORCH_VARIANTS)})")
     return placement, preload
 
@@ -120,7 +118,7 @@ class TorchNetwork:
     Args:
         version_dir: holds `network_def.json` and the checkpoint `settings.checkpoint`.
         settings: precision, memory format, compile mode, fixed batch.
-        device: where it runs; `fp16` and `compile` need a CUDA device (ValueError otherwise).
+        device: where it runs; `fp16` and `compile` need a CUDA device (ConfigError otherwise).
 
     Raises FileNotFoundError when the bundle is not installed there.
     """
@@ -134,8 +132,8 @@ class TorchNetwork:
                 "`python -m wholebody.bundle install --bundle DIR`"
             )
         if device.type != "cuda" and (settings.precision == "fp16" or settings.compile != "none"):
-            raise ValueError("precision 'fp16' and 'compile' need a GPU instance (KIND_GPU); on the CPU use "
-                             "precision fp32 or amp and compile none")
+            raise ConfigError("precision 'fp16' and 'compile' need a GPU instance (KIND_GPU); on the CPU use "
+                              "precision fp32 or amp and compile none")
         self.settings, self.device, self.checkpoint = settings, device, checkpoint
         self.dtype = torch.float16 if settings.precision == "fp16" else torch.float32
         self.memory_format = MEMORY_FORMATS[settings.memory_format]
@@ -199,15 +197,16 @@ class TorchNetwork:
 
 
 def model_parameters(config_path: Path) -> dict[str, str]:
-    """The `parameters` of a model's config.pbtxt as {key: string_value}, parsed with Triton's schema.
+    """The `parameters` of a torch network model's config.pbtxt as {key: string_value} (Triton's schema).
 
-    Raises ValueError when the model is not served by the Python backend (a TensorRT plan).
+    Raises ConfigError when the model is not served by the Python backend (a TensorRT plan), OSError and
+    text_format.ParseError when the file cannot be read or parsed.
     """
     config = model_config(config_path)
     if config.backend != "python":
-        raise ValueError(f"{config.name or config_path.parent.name} is not a PyTorch network model "
-                         f"(platform {config.platform or config.backend!r}): it runs by BLS only")
-    return {key: value.string_value for key, value in config.parameters.items()}
+        raise ConfigError(f"{config.name or config_path.parent.name} is not a PyTorch network model "
+                          f"(platform {config.platform or config.backend!r}): it runs by BLS only")
+    return parameters_of(config)
 
 
 def installed_torch_network(

@@ -24,8 +24,15 @@ from torch.utils.dlpack import to_dlpack
 
 from wholebody.contract import IN_CHANNELS, LOGITS, RESOLUTIONS, ROI_SIZE, WINDOW, network_model_name
 from wholebody.memory import enable_huge_pages
+from wholebody.served_models import json_parameters
 from wholebody.torch_network import NetworkCache, NetworkSettings, TorchNetwork, placement_parameters
-from wholebody.validation import ConfigError, InvalidRequestError, RequestCancelled, SizeLimits, read_size_limits
+from wholebody.validation import (
+    InvalidRequestError,
+    RequestCancelled,
+    SizeLimits,
+    choice_parameter,
+    read_size_limits,
+)
 
 
 def model_logger(args: dict[str, str]) -> logging.Logger:
@@ -50,12 +57,6 @@ def instance_device(args: dict[str, str]) -> torch.device:
     return torch.device("cpu")
 
 
-def parameters(args: dict[str, str]) -> dict[str, str]:
-    """The model config's `parameters` as a plain {key: string_value} dict (from `initialize`'s args)."""
-    config = json.loads(args["model_config"])
-    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-
-
 def apply_huge_pages(params: dict[str, str], logger: logging.Logger) -> None:
     """Honour the `huge_pages` parameter (`yes`/`no`, default `no`); call it before allocating tensors."""
     if choice_parameter(params, "huge_pages", ("yes", "no"), default="no") == "yes":
@@ -63,20 +64,6 @@ def apply_huge_pages(params: dict[str, str], logger: logging.Logger) -> None:
             logger.info("large tensors use transparent huge pages")
         else:
             logger.warning("huge_pages: yes, but the kernel has transparent huge pages off")
-
-
-def required_parameter(params: dict[str, str], key: str) -> str:
-    if key not in params or params[key] == "":
-        raise ConfigError(f"config.pbtxt must set parameter {key!r}")
-    return params[key]
-
-
-def choice_parameter(params: dict[str, str], key: str, choices: Sequence[str], default: str | None = None) -> str:
-    """Parameter `key`, which must be one of `choices`; required unless a `default` is given."""
-    value = required_parameter(params, key) if default is None else params.get(key) or default
-    if value not in choices:
-        raise ConfigError(f"parameter {key!r} must be one of {list(choices)}, got {value!r}")
-    return value
 
 
 def input_tensor(request: Any, name: str, device: torch.device) -> torch.Tensor:
@@ -190,7 +177,7 @@ class PythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.logger = model_logger(args)
         self.device = instance_device(args)
-        self.params = parameters(args)
+        self.params = json_parameters(json.loads(args["model_config"]))
         self.limits: SizeLimits = read_size_limits(args["model_repository"])
         apply_huge_pages(self.params, self.logger)
         self.release_cuda_cache = choice_parameter(self.params, "release_cuda_cache", ("yes", "no"), "no") == "yes"

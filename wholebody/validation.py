@@ -10,6 +10,10 @@ with `get_model_config` and refuse an oversize volume before sending it; every s
 file at load (`read_size_limits`) and enforces them on its own inputs, so a direct request to an
 internal model is bounded too.
 
+Model config `parameters` ({key: string_value}) have one parser here too, for every stage, network and
+placement: `required_parameter`, `choice_parameter`, `choices_parameter`, `int_parameter`, `float_parameter`
+all raise `ConfigError` naming the parameter and its valid values (the model refuses to load).
+
 No torch or MONAI either (numpy and protobuf): the client imports `estimated_resampled_voxels` from here.
 """
 
@@ -41,6 +45,32 @@ class RequestCancelled(Exception):
 
 class ConfigError(ValueError):
     """A model's config parameter is missing or out of range (the model refuses to load)."""
+
+
+def required_parameter(params: Mapping[str, str], key: str) -> str:
+    """Parameter `key`, which must be set and non-empty. Raises ConfigError."""
+    if params.get(key, "") == "":
+        raise ConfigError(f"config.pbtxt must set parameter {key!r}")
+    return params[key]
+
+
+def choice_parameter(params: Mapping[str, str], key: str, choices: Sequence[str], default: str | None = None) -> str:
+    """Parameter `key`, which must be one of `choices`; required unless a `default` is given (an empty
+    value takes the default). Raises ConfigError."""
+    value = required_parameter(params, key) if default is None else params.get(key) or default
+    if value not in choices:
+        raise ConfigError(f"parameter {key!r} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def choices_parameter(params: Mapping[str, str], key: str, choices: Sequence[str]) -> list[str]:
+    """Parameter `key` as a comma-separated list (blanks dropped, empty by default), each one of `choices`.
+    Raises ConfigError."""
+    values = [v.strip() for v in (params.get(key) or "").split(",") if v.strip()]
+    unknown = [v for v in values if v not in choices]
+    if unknown:
+        raise ConfigError(f"parameter {key!r} names {unknown}; choose from {list(choices)}")
+    return values
 
 
 def int_parameter(params: Mapping[str, str], key: str, low: int, high: int, default: int | None = None) -> int:

@@ -30,13 +30,12 @@ from wholebody.preprocessing import InvalidVolumeError, check_volume, estimated_
 from wholebody.torch_network import installed_torch_network
 from wholebody.triton_python import (
     PythonModel,
-    choice_parameter,
     input_tensor,
     optional_string,
     output_tensor,
     string_tensor,
 )
-from wholebody.validation import InvalidRequestError
+from wholebody.validation import InvalidRequestError, choice_parameter
 
 
 def ct_image_input(request: Any) -> str:

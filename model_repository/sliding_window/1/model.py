@@ -29,13 +29,12 @@ from wholebody.contract import (
 from wholebody.sliding_window import BLEND_DTYPES, sliding_window_label_map
 from wholebody.triton_python import (
     PythonModel,
-    choice_parameter,
     in_process_networks,
     input_tensor,
     optional_string,
     output_tensor,
 )
-from wholebody.validation import InvalidRequestError, float_parameter, int_parameter
+from wholebody.validation import InvalidRequestError, choice_parameter, float_parameter, int_parameter
 
 # MONAI's sliding_window_inference choices (BlendMode, PytorchPadMode)
 BLEND_MODES = ("gaussian", "constant")
