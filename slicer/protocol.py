@@ -37,6 +37,7 @@ MODEL_DESCRIPTIONS = {
 }
 SUBSET_PARAM = "roi_subset"  # params {"roi_subset": ["liver", "spleen"]} or "liver,spleen", as the CLI's --roi-subset
 TOKEN_ENV = "WHOLEBODY_MONAILABEL_TOKEN"
+HOSTS_ENV = "WHOLEBODY_MONAILABEL_HOSTS"  # comma-separated Host header values accepted (loopback servers)
 MAX_BODY_ENV = "WHOLEBODY_MONAILABEL_MAX_BODY_BYTES"
 # the largest request body: an uncompressed NIfTI of max_input_voxels float64 voxels (8 bytes, the widest
 # NIfTI data type a CT comes in) plus room for its header and the multipart framing
@@ -240,4 +241,22 @@ def body_refusal(method: str, content_length: str | None, chunked: bool, limit: 
     if length > limit:
         return 413, (f"{length:,} bytes is above this server's limit of {limit:,} (the ensemble's max_input_voxels "
                      "as float64 NIfTI); crop the volume")
+    return None
+
+
+def loopback_hosts(port: int) -> list[str]:
+    """The Host header values a client of a loopback server on `port` sends."""
+    return [f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"]
+
+
+def browser_refusal(host: str | None, origin: str | None, allowed_hosts: Sequence[str] | None) -> str | None:
+    """The one-line reason to refuse (403) a request a web browser may have sent on a web page's behalf, else None.
+
+    3D Slicer and MONAILabelClient send no Origin header; a browser does on cross-site POSTs and on fetches, so
+    any Origin is refused (a page the user visits must not upload to, run or read this server). On a loopback
+    server (`allowed_hosts` given) the Host header must name it: a DNS-rebinding page sends its own name."""
+    if origin:
+        return f"requests from web pages (Origin {origin[:80]}) are not served here"
+    if allowed_hosts is not None and (host or "").lower() not in allowed_hosts:
+        return f"Host {str(host)[:80]!r} is not this server's; connect to {allowed_hosts[0]}"
     return None

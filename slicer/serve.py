@@ -8,19 +8,27 @@ It reads the ensemble's size limits from the Triton server (client.limits(); it 
 itself with `monailabel start_server --app slicer/monailabel_app --studies DIR --uvicorn_app
 slicer.monailabel_app.guard:app ...` run by the virtualenv's interpreter, with the repository on PYTHONPATH
 (the app imports the project's client library from it). Locks (docs/slicer.md): loopback unless --host says
-otherwise, and then only with a token ($WHOLEBODY_MONAILABEL_TOKEN or --token-file); request bodies capped
-from max_input_voxels; MONAI Label's training, scoring, strategy and batch-infer tasks off.
+otherwise, and then only with a token ($WHOLEBODY_MONAILABEL_TOKEN or --token-file); requests of web pages
+refused; request bodies capped from max_input_voxels; MONAI Label's training, scoring, strategy and
+batch-infer tasks off.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import logging
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from client.segmentation_client import SegmentationClient, SegmentationError
 from slicer import protocol
@@ -121,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     env.pop(protocol.TOKEN_ENV, None)
     if token is not None:
         env[protocol.TOKEN_ENV] = token
+    env.pop(protocol.HOSTS_ENV, None)
+    if is_loopback(args.host):
+        env[protocol.HOSTS_ENV] = ",".join(protocol.loopback_hosts(args.port))
     body = protocol.max_body_bytes(limits)
     if body is not None:
         env[protocol.MAX_BODY_ENV] = str(body)
@@ -133,6 +144,124 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.studies.mkdir(parents=True, exist_ok=True)
     os.execve(cmd[0], cmd, env)
     return 0  # not reached
+
+
+CALLS_SCRIPT = Path(__file__).resolve().parent / "monailabel_calls.py"
+START_TIMEOUT_S = 300.0  # MONAI Label imports torch, MONAI, ITK and more; minutes on a loaded 2-core box
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MonaiLabelServer:
+    """`python -m slicer.serve` as a child process on a free loopback port, for tests and benchmarks:
+
+        with MonaiLabelServer(studies, work_dir, triton_url, token="...") as ml:
+            ml.calls([{"method": "info"}])
+
+    Its output goes to `work_dir`/server.log. On exit: SIGTERM to its process group, SIGKILL after 30 s.
+    Raises RuntimeError (with the log's tail) when it exits or does not answer GET /info/ within `timeout_s`.
+    """
+
+    def __init__(self, studies: Path, work_dir: Path, triton_url: str, token: str | None = None,
+                 timeout_s: float = START_TIMEOUT_S) -> None:
+        self.studies, self.work_dir, self.triton_url = Path(studies), Path(work_dir), triton_url
+        self.token, self.timeout_s = token, timeout_s
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        python = ready_python()
+        if python is None:
+            raise RuntimeError("MONAI Label's virtualenv is not made: run `make monailabel` (python -m slicer.venv)")
+        self.python = python
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> MonaiLabelServer:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.pop(protocol.TOKEN_ENV, None)
+        if self.token:
+            env[protocol.TOKEN_ENV] = self.token
+        with open(self.work_dir / "server.log", "wb") as log_file:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "slicer.serve", "--studies", str(self.studies), "--work-dir", str(self.work_dir),
+                 "-u", self.triton_url, "--port", str(self.port)],
+                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return (self.work_dir / "server.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"MONAI Label exited with {self._process.returncode}: {self.log_tail()}")
+            try:
+                if self.raw("GET", "/info/", headers)[0] == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"MONAI Label did not answer in {self.timeout_s:.0f} s: {self.log_tail()}")
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            if process.poll() is not None:
+                break
+            try:
+                os.killpg(process.pid, sig)
+                process.wait(timeout=wait)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+
+    def raw(self, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+        """Status and JSON of a request without a body, sent with http.client (headers exactly as given)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.putrequest(method, path, skip_host="host" in {k.lower() for k in headers or {}})
+            for key, value in (headers or {}).items():
+                conn.putheader(key, value)
+            conn.endheaders()
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        try:
+            return response.status, json.loads(body or b"{}")
+        except ValueError:
+            return response.status, {"raw": body[:200].decode("latin-1")}
+
+    def calls(self, calls: list[dict[str, Any]], token: str | None = None, login: list[str] | None = None,
+              timeout_s: float = 3600.0) -> list[dict[str, Any]]:
+        """MONAILabelClient's answers to `calls` (slicer/monailabel_calls.py, run in MONAI Label's virtualenv);
+        `token` defaults to the server's. Raises RuntimeError when the script fails."""
+        request = {"url": self.url, "token": token if token is not None else self.token, "login": login,
+                   "calls": calls}
+        done = subprocess.run([str(self.python), str(CALLS_SCRIPT)], input=json.dumps(request), capture_output=True,
+                              text=True, timeout=timeout_s, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{CALLS_SCRIPT.name} failed: {done.stderr.strip()[-2000:]}")
+        return json.loads(done.stdout)
 
 
 if __name__ == "__main__":

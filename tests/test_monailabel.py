@@ -3,25 +3,17 @@ with this project's app (slicer/monailabel_app), driven by MONAI Label's own cli
 code of Slicer's MONAI Label module) in front of the real tritonserver of the `server` fixture.
 
 The pure logic of slicer/protocol.py is tested here in the project's environment; the client calls run in
-MONAI Label's virtualenv (tests/monailabel_calls.py). The virtualenv is made once (python -m slicer.venv,
+MONAI Label's virtualenv (slicer/monailabel_calls.py). The virtualenv is made once (python -m slicer.venv,
 `make monailabel`, ~5 min); the end-to-end tests skip, naming the reason, only when it cannot be made
 (no PyPI).
 """
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -31,13 +23,11 @@ from client.segmentation_client import ServerLimits
 from client.inputs import Header
 from clinical import structures
 from slicer import protocol, serve
+from slicer.serve import MonaiLabelServer
 from slicer.venv import REPO, VenvMissing, monailabel_python
 from wholebody.triton_server import LocalTritonServer
 
-CALLS = Path(__file__).resolve().parent / "monailabel_calls.py"
 TOKEN = "test-token-Zq4"
-START_TIMEOUT_S = 300.0  # MONAI Label imports torch, MONAI, ITK and more on a loaded 2-core box
-CALL_TIMEOUT_S = 900.0
 
 
 # --- slicer/protocol.py: pure logic ----------------------------------------------------------------------
@@ -121,6 +111,16 @@ def test_max_body_bytes_and_size_check() -> None:
     assert caught.value.status == 413
 
 
+def test_browser_refusal() -> None:
+    hosts = protocol.loopback_hosts(8000)
+    assert protocol.browser_refusal("127.0.0.1:8000", None, hosts) is None
+    assert protocol.browser_refusal("localhost:8000", None, hosts) is None
+    assert protocol.browser_refusal("evil.example:8000", None, hosts) is not None  # DNS rebinding
+    assert protocol.browser_refusal(None, None, hosts) is not None
+    assert protocol.browser_refusal("127.0.0.1:8000", "https://evil.example", hosts) is not None
+    assert protocol.browser_refusal("ct-server.example:8000", None, None) is None  # exposed: any name
+
+
 def test_inside(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "f").write_text("")
@@ -148,93 +148,22 @@ def test_serve_refuses_an_exposed_server_without_token(tmp_path: Path, monkeypat
 
 
 # --- the real MONAI Label server in front of the real tritonserver ------------------------------------------
-@dataclass
-class MonaiLabel:
-    url: str
-    port: int
-    python: Path
-    studies: Path
-    max_body: int
-
-    def calls(self, calls: list[dict[str, Any]], token: str | None = TOKEN,
-              login: list[str] | None = None) -> list[dict[str, Any]]:
-        """MONAILabelClient's answers to `calls` (tests/monailabel_calls.py in MONAI Label's virtualenv)."""
-        done = subprocess.run([str(self.python), str(CALLS)], input=json.dumps(
-            {"url": self.url, "token": token, "login": login, "calls": calls}), capture_output=True, text=True,
-            timeout=CALL_TIMEOUT_S, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout)
-
-    def raw(self, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
-        """Status and JSON of a request without body sent with http.client (headers exactly as given)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            conn.putrequest(method, path)
-            for key, value in (headers or {}).items():
-                conn.putheader(key, value)
-            conn.endheaders()
-            response = conn.getresponse()
-            body = response.read()
-        finally:
-            conn.close()
-        try:
-            return response.status, json.loads(body or b"{}")
-        except ValueError:
-            return response.status, {"raw": body[:200].decode("latin-1")}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def monailabel_venv() -> Path:
+def monailabel(server: LocalTritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonaiLabelServer]:
     try:
-        return monailabel_python()
+        monailabel_python()
     except VenvMissing as exc:
         pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def monailabel(server: LocalTritonServer, monailabel_venv: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonaiLabel]:
     base = tmp_path_factory.mktemp("monailabel")
-    port = _free_port()
-    env = dict(os.environ, **{protocol.TOKEN_ENV: TOKEN})
-    log = (base / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "slicer.serve", "--studies", str(base / "studies"), "--work-dir", str(base / "work"),
-         "-u", server.grpc_url, "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    running = MonaiLabel(f"http://127.0.0.1:{port}", port, monailabel_venv, base / "studies", 0)
+    running = MonaiLabelServer(base / "studies", base / "work", server.grpc_url, token=TOKEN)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"MONAI Label exited with {process.returncode}: {(base / 'server.log').read_text()[-3000:]}")
-            try:
-                status, _ = running.raw("GET", "/info/", {"Authorization": f"Bearer {TOKEN}"})
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"MONAI Label did not answer in {START_TIMEOUT_S:.0f} s: "
-                            f"{(base / 'server.log').read_text()[-3000:]}")
-            time.sleep(1.0)
+        running.__enter__()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
         yield running
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            if process.poll() is not None:
-                break
-            try:
-                os.killpg(process.pid, sig)
-                process.wait(timeout=wait)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        log.close()
+        running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +185,7 @@ def _same_label_file(got: Path, want: Path) -> None:
     assert np.allclose(a.affine, b.affine)
 
 
-def test_info_lists_both_models_with_their_labels(monailabel: MonaiLabel) -> None:
+def test_info_lists_both_models_with_their_labels(monailabel: MonaiLabelServer) -> None:
     [info] = monailabel.calls([{"method": "info"}])
     assert info["ok"], info
     models = info["result"]["models"]
@@ -267,13 +196,13 @@ def test_info_lists_both_models_with_their_labels(monailabel: MonaiLabel) -> Non
     assert info["result"]["labels"] == protocol.label_dict()
 
 
-def test_upload_infer_equals_python_m_client(monailabel: MonaiLabel, example_ct: Path, client_labels: Path,
+def test_upload_infer_equals_python_m_client(monailabel: MonaiLabelServer, example_ct: Path, client_labels: Path,
                                              tmp_path: Path) -> None:
     upload, infer = monailabel.calls([
         {"method": "upload_image", "file": str(example_ct), "image_id": "example_ct"},
         {"method": "infer", "model": "wholebody_lowres", "image_id": "example_ct", "out": str(tmp_path / "l.nii.gz")},
     ])
-    assert upload == {"ok": True, "result": {"image": "example_ct"}}
+    assert upload["ok"] and upload["result"] == {"image": "example_ct"}
     assert infer["ok"], infer
     _same_label_file(tmp_path / "l.nii.gz", client_labels)
     assert infer["result"]["label_names"] == protocol.label_dict()
@@ -282,7 +211,7 @@ def test_upload_infer_equals_python_m_client(monailabel: MonaiLabel, example_ct:
     assert infer["result"]["structures_found"] == int((found > 0).sum())
 
 
-def test_session_with_a_structure_subset(monailabel: MonaiLabel, example_ct: Path, client_labels: Path,
+def test_session_with_a_structure_subset(monailabel: MonaiLabelServer, example_ct: Path, client_labels: Path,
                                          tmp_path: Path) -> None:
     """What Slicer does with a volume it loaded itself: a session, then infer with params."""
     [session] = monailabel.calls([{"method": "create_session", "file": str(example_ct)}])
@@ -297,7 +226,7 @@ def test_session_with_a_structure_subset(monailabel: MonaiLabel, example_ct: Pat
     assert infer["result"]["label_names"] == {n: structures.by_name(n).label for n in subset}
 
 
-def test_callers_faults_are_4xx_and_the_server_keeps_serving(monailabel: MonaiLabel, example_ct: Path,
+def test_callers_faults_are_4xx_and_the_server_keeps_serving(monailabel: MonaiLabelServer, example_ct: Path,
                                                             tmp_path: Path) -> None:
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"\x1f\x8b not really gzip")
@@ -328,19 +257,21 @@ def test_callers_faults_are_4xx_and_the_server_keeps_serving(monailabel: MonaiLa
     assert monailabel.raw("GET", "/info/")[0] == 401
     assert monailabel.raw("GET", "/info/", {"Authorization": "Bearer wrong"})[0] == 401
     assert monailabel.raw("GET", "/logs/", {"Authorization": f"Bearer {TOKEN}"})[0] == 403
-    assert monailabel.calls([{"method": "info"}], token=None)[0]["status"] == 401
-    # still serving
+    # what a web page could send: an Origin header; a DNS-rebinding name in Host
+    assert monailabel.raw("GET", "/info/", {"Authorization": f"Bearer {TOKEN}", "Origin": "https://x.example"})[0] == 403
+    assert monailabel.raw("GET", "/info/", {"Authorization": f"Bearer {TOKEN}", "Host": "x.example"})[0] == 403
+    assert monailabel.calls([{"method": "info"}], token="")[0]["status"] == 401
+    # still serving, and the refused uploads left no file behind
     [info] = monailabel.calls([{"method": "info"}])
     assert info["ok"]
+    assert not [p.name for p in (monailabel.work_dir / "tmp").rglob("*.nii*")]
 
 
-def test_slicer_login_with_the_token_as_password(monailabel: MonaiLabel) -> None:
+def test_slicer_login_with_the_token_as_password(monailabel: MonaiLabelServer) -> None:
     """Slicer's module asks /auth/ whether auth is on, then POSTs user name and password to /auth/token."""
     status, body = monailabel.raw("GET", "/auth/")
     assert status == 200 and body["enabled"] is True
-    [info] = monailabel.calls([{"method": "info"}], token=None, login=["radiologist", TOKEN])
+    [info] = monailabel.calls([{"method": "info"}], token="", login=["radiologist", TOKEN])
     assert info["ok"], info
-    done = subprocess.run([str(monailabel.python), str(CALLS)], input=json.dumps(
-        {"url": monailabel.url, "login": ["radiologist", "wrong"], "calls": []}), capture_output=True, text=True,
-        timeout=CALL_TIMEOUT_S, check=False)
-    assert done.returncode != 0 and "401" in done.stderr
+    with pytest.raises(RuntimeError, match="401"):
+        monailabel.calls([], token="", login=["radiologist", "wrong"])

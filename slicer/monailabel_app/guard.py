@@ -6,6 +6,8 @@ MONAI Label's own FastAPI app behind this project's locks (docs/slicer.md, secur
   Slicer module sends with the user name and password it asks for) returns the token when the password is it;
 - request bodies above $WHOLEBODY_MONAILABEL_MAX_BODY_BYTES (from the ensemble's max_input_voxels) refused
   with 413 before they are read, and chunked bodies without a length with 411;
+- requests a web browser sends for a page (an Origin header), and on loopback a Host header that does not name
+  this server (DNS rebinding), refused with 403: a web page the user visits must not reach it;
 - the routes that would change the server (model uploads, reload) or reach beyond it (DICOMweb proxy, log
   files) refused with 403 (slicer.protocol.REFUSED_ROUTES).
 
@@ -30,6 +32,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 TOKEN = os.environ.get(protocol.TOKEN_ENV) or None
 MAX_BODY = int(os.environ.get(protocol.MAX_BODY_ENV) or 0) or None
+HOSTS = [h.strip().lower() for h in os.environ[protocol.HOSTS_ENV].split(",")] if os.environ.get(protocol.HOSTS_ENV) \
+    else None
 MAX_LOGIN_BYTES = 4096  # the form of POST /auth/token
 
 
@@ -73,6 +77,9 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         return None
     method, path = scope["method"], scope["path"]
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    browser = protocol.browser_refusal(headers.get("host"), headers.get("origin"), HOSTS)
+    if browser:
+        return await _answer(send, 403, {"detail": browser})
     if path.rstrip("/") == "/auth" and method == "GET":
         return await _answer(send, 200, {"enabled": TOKEN is not None, "client_id": "wholebody-ct-triton"})
     if path.rstrip("/") == "/auth/token" and method == "POST":

@@ -1,6 +1,7 @@
 """Calls of MONAI Label's own Python client (`monailabel.client.MONAILabelClient`, the code 3D Slicer's MONAI
-Label module uses) for tests/test_monailabel.py, run by the interpreter of MONAI Label's virtualenv
-(slicer/venv.py): monailabel cannot be imported in the project's environment (pydicom < 3, numpy < 2).
+Label module uses) for tests/test_monailabel.py and perf/slicer_overhead.py, run by the interpreter of MONAI
+Label's virtualenv (slicer/venv.py): monailabel cannot be imported in the project's environment (pydicom < 3,
+numpy < 2). Standard library and monailabel only.
 
 stdin: {"url": "http://127.0.0.1:PORT", "token": null | "...", "login": null | [user, password],
         "calls": [{"method": "info"} | {"method": "upload_image", "file": F, "image_id": ID} |
@@ -8,7 +9,8 @@ stdin: {"url": "http://127.0.0.1:PORT", "token": null | "...", "login": null | [
                   {"method": "infer", "model": M, "image_id": ID, "session_id": S, "file": F, "params": {...},
                    "out": PATH}, ...]}
 stdout: one JSON list, per call {"ok": true, "result": ...} or {"ok": false, "status": HTTP status or null,
-        "error": one line}. An infer's label file is moved to the call's "out".
+        "error": one line}, each with "seconds" (wall time of the call). An infer's label file is moved to the
+        call's "out".
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from typing import Any
 
 from monailabel.client import MONAILabelClient
@@ -61,7 +64,12 @@ def main() -> int:
             client.update_auth(client.auth_token(user, password))
         elif request.get("token"):
             client.update_auth({"token_type": "Bearer", "access_token": request["token"]})
-        results = [call(client, spec) for spec in request["calls"]]
+        results = []
+        for spec in request["calls"]:
+            start = time.perf_counter()
+            outcome = call(client, spec)
+            outcome["seconds"] = time.perf_counter() - start
+            results.append(outcome)
     json.dump(results, sys.stdout)
     return 0
 
