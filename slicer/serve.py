@@ -5,8 +5,9 @@
     WHOLEBODY_MONAILABEL_TOKEN=... python -m slicer.serve --studies DIR --host 0.0.0.0
 
 It reads the ensemble's size limits from the Triton server (client.limits(); it must answer), then replaces
-itself with `monailabel start_server --app slicer/monailabel_app --studies DIR --uvicorn_app
-slicer.monailabel_app.guard:app ...` run by the virtualenv's interpreter, with the repository on PYTHONPATH
+itself with `monailabel start_server --app <work>/app --studies DIR --uvicorn_app
+slicer.monailabel_app.guard:app ...` (as `python -m monailabel.main`, what the `monailabel` command runs) in
+the virtualenv, <work>/app holding a copy of slicer/monailabel_app/main.py and the repository on PYTHONPATH
 (the app imports the project's client library from it). Locks (docs/slicer.md): loopback unless --host says
 otherwise, and then only with a token ($WHOLEBODY_MONAILABEL_TOKEN or --token-file); requests of web pages
 refused; request bodies capped from max_input_voxels; MONAI Label's training, scoring, strategy and
@@ -89,9 +90,9 @@ def prepare_work_dir(work: Path) -> Path:
 
 
 def command(args: argparse.Namespace, python: Path, app: Path) -> list[str]:
-    """monailabel start_server's command line for `args`, with the virtualenv's console script (a bash script
-    that runs `$MONAILABEL_PYEXE -m monailabel.main`)."""
-    return [str(python.parent / "monailabel"), "start_server", "--app", str(app),
+    """monailabel start_server's command line for `args`: what the virtualenv's `monailabel` console script runs
+    (`python -m monailabel.main`), without that bash script, which splits arguments with spaces."""
+    return [str(python), "-m", "monailabel.main", "start_server", "--app", str(app),
             "--studies", str(args.studies.resolve()), "--host", args.host, "--port", str(args.port),
             "--uvicorn_app", GUARD_APP, "--conf", "triton_url", args.url, "--conf", "timeout_s", str(args.timeout)]
 
@@ -122,7 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     work = (args.work_dir or default_cache() / "monailabel" / "work").resolve()
-    env["MONAILABEL_PYEXE"] = str(python)
     env["MONAI_LABEL_SESSION_PATH"] = str(work / "sessions")
     env["TMPDIR"] = str(work / "tmp")  # uploads, the log config and results live there, not in /tmp
     env.update({key: "false" for key in TASKS_OFF})
