@@ -11,7 +11,7 @@ BUNDLE ?=
 # make demo RANDOM_WEIGHTS=1: random weights of the real architecture, no download of the released bundle
 RANDOM_WEIGHTS ?=
 
-.PHONY: setup demo test serve clinical-tools seg-readers viewer render deploy-check
+.PHONY: setup demo test serve clinical-tools seg-readers viewer monailabel render deploy-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,7 +26,7 @@ demo: setup
 	$(PY) -m demo $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(filter 1 yes true,$(RANDOM_WEIGHTS)),--random-weights)
 
 # WHOLEBODY_REQUIRE_SEG_READERS: a DICOM-SEG reader that is missing fails its test instead of skipping it
-test: setup clinical-tools seg-readers viewer
+test: setup clinical-tools seg-readers viewer monailabel
 	WHOLEBODY_REQUIRE_SEG_READERS=1 WHOLEBODY_REQUIRE_VIEWER=1 $(PY) -m pytest
 
 serve: setup
@@ -63,6 +63,13 @@ seg-readers: setup clinical-tools
 # (ServeFolders plugin of Debian's orthanc). Needs the npm registry once. See docs/viewer.md.
 viewer: setup clinical-tools
 	$(PY) -m viewer --install
+
+# 3D Slicer's MONAI Label module -> the Triton ensemble (docs/slicer.md): MONAI Label 0.8.5's server in a
+# virtualenv of its own (slicer/requirements-monailabel.txt: it needs pydicom 2 and numpy 1), made once under
+# .cache/monailabel/venv (remade when that file changes; ~5 min, 2.4 GiB, needs PyPI). Then:
+#   python -m slicer.serve --studies DIR [-u TRITON_HOST:PORT]
+monailabel: setup
+	$(PY) -m slicer.venv
 
 # deploy/: render a kustomize overlay (gpu, cpu, gpu-x4) with the pinned kubectl of the [test] extra
 # (Debian 12 has no current kubectl), and the offline checks of the images and manifests.
