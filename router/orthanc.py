@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -33,6 +32,7 @@ from typing import Any
 import requests
 
 from router.rules import SeriesFacts
+from wholebody.triton_server.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,6 @@ STATUS_METADATA_INDEX = 4242  # user metadata indices are 1024..65535
 
 class OrthancError(RuntimeError):
     """An Orthanc REST call that failed; the message names the URL and what to check."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

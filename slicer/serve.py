@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,8 @@ from typing import Any
 from client.segmentation_client import SegmentationClient, SegmentationError
 from slicer import protocol
 from slicer.venv import REPO, default_cache, ready_python
-from wholebody.triton_server import is_loopback
+from wholebody.triton_server.locks import is_loopback
+from wholebody.triton_server.ports import free_port
 
 log = logging.getLogger("slicer.serve")
 
@@ -148,12 +148,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 CALLS_SCRIPT = Path(__file__).resolve().parent / "monailabel_calls.py"
 START_TIMEOUT_S = 300.0  # MONAI Label imports torch, MONAI, ITK and more; minutes on a loaded 2-core box
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MonaiLabelServer:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,16 +19,11 @@ from pathlib import Path
 import requests
 
 from router.orthanc import merge_config
+from wholebody.triton_server.ports import free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 INSTALL_HINT = "run `make clinical-tools` (Debian packages orthanc, orthanc-dicomweb)"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalOrthanc:
@@ -45,7 +39,7 @@ class LocalOrthanc:
                 raise RuntimeError(f"{path} is missing: {INSTALL_HINT}")
         self.start_timeout_s = start_timeout_s
         self.extra_config = extra_config or {}
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb = f"{self.url}/dicom-web"
         self.workdir: Path | None = None

@@ -23,7 +23,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 from wholebody.contract import ENSEMBLE, MODEL_REPOSITORY, POSTPROCESS, PREPROCESS, REPO_ROOT, SLIDING_WINDOW
 from wholebody.triton_server import LocalTritonServer
 from wholebody.validation import read_size_limits
+from wholebody.triton_server.ports import free_port
 
 DEPLOY = REPO_ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
@@ -565,12 +565,6 @@ def test_entrypoint_runs_the_exporter_when_asked(test_bundle: Path, tmp_path: Pa
 
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -599,7 +593,7 @@ def alive(pid: int) -> bool:
 def entrypoint_server(
     test_bundle: Path, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int], Path]]:
-    ports = {"grpc": _free_port(), "http": _free_port(), "metrics": _free_port()}
+    ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
     key = tmp_path / "operator-key"
     key.write_text("s3cret\n")
     log = tmp_path / "tritonserver.log"

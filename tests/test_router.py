@@ -410,7 +410,7 @@ def test_stack_prints_its_addresses_and_ctrl_c_stops_everything(server: object, 
     import requests
 
     from viewer import study_url
-    from wholebody.triton_server import process_group
+    from wholebody.triton_server.processes import process_group
 
     process = subprocess.Popen(
         [sys.executable, "-m", "router", "stack", "-u", server.grpc_url,  # type: ignore[attr-defined]
