@@ -12,9 +12,12 @@ stage stamps and this script's share one clock). Stages, from the router's recor
   read          DICOM -> volume (clinical.dicom_series.read_ct_series)
   segmentation  SegmentationClient.segment through Triton (shared memory on loopback)
   SEG encode    router.results.results_for (write_dicom_seg, BINARY)
-  store         POST /instances of the SEG into the router's Orthanc
-  forward       Orthanc's C-STORE to the PACS (/modalities/pacs/store, synchronous: it returns once the PACS
-                stored the SEG)
+  quality       the structure statistics and clinical.quality.check_scan (policy: every check "report", so
+                the random-weights result is not held back)
+  SR            clinical.structured_report: the TID 1500 SR referencing the SEG, made and written
+  store         POST /instances of the SEG and the SR into the router's Orthanc
+  forward       Orthanc's C-STORE of both to the PACS (/modalities/pacs/store, synchronous: it returns once
+                the PACS stored them)
 The end is when this script sees the SEG in the PACS (REST, polled every 0.1 s); what the stages do not
 cover (recording the outcome, the polling) is the "between stages" row.
 
@@ -47,7 +50,9 @@ from router.state import StateStore
 log = logging.getLogger("perf.router_latency")
 
 STAGES = (("stable wait", "stable_wait_s"), ("queue", "queue_s"), ("download", "download_s"), ("read", "read_s"),
-          ("segmentation", "segment_s"), ("SEG encode", "seg_encode_s"), ("store", "store_s"),
+          ("segmentation", "segment_s"), ("SEG encode", "seg_encode_s"),
+          ("quality checks (and the statistics the SR reuses)", "quality_s"), ("SR (TID 1500) make + write", "sr_s"),
+          ("store (SEG + SR)", "store_s"),
           ("forward (synchronous C-STORE: the SEG is at the PACS when it returns)", "forward_s"))
 
 
@@ -64,6 +69,7 @@ def ct_image(name: str) -> tuple[nib.Nifti1Image, str]:
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
     from clinical.dicom_series import write_ct_series
+    from clinical.quality import CHECKS, QualityPolicy
     from wholebody.bundle import copy_model_repository, install_bundle, make_test_bundle
     from wholebody.triton_server import LocalTritonServer
 
@@ -81,7 +87,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
                      pacs={"pacs": Modality("PACS", "127.0.0.1", pacs.dicom_port)}) as node:
         config = RouterConfig(orthanc_url=node.url, triton_urls=[triton.grpc_url], state_dir=work / "state",
                               rules=Rules(slice_thickness_mm=None), pacs="pacs", poll_s=args.poll_seconds,
-                              resolution=args.resolution, max_attempts=1)
+                              resolution=args.resolution, max_attempts=1,
+                              # random weights trip the checks; "report" lets the result reach the PACS while
+                              # the checks and the SR are still made and timed
+                              quality_policy=QualityPolicy({check: "report" for check in CHECKS}))
         router = Router(config)
         router.start()
         try:
@@ -118,7 +127,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
     s = done[0].stages
     stages = {
         "stable_wait_s": s["queued_at"] - last_store, "queue_s": s["started_at"] - s["queued_at"],
-        **{k: s[k] for k in ("download_s", "read_s", "segment_s", "seg_encode_s", "store_s", "forward_s")},
+        **{k: s[k] for k in ("download_s", "read_s", "segment_s", "seg_encode_s", "quality_s", "sr_s", "store_s",
+                             "forward_s")},
     }
     total = arrived - last_store
     return {"ct": what, "slices": len(list(folder.iterdir())), "push_s": last_store - push_start,

@@ -53,6 +53,9 @@ ALLOWED: dict[tuple[str, str], str] = {
                                   "and refused loads are tested in tests/test_hardening.py",
     ("docs/security.md", "python -"): "the same keyed reload by gRPC, with the key file of a running server; "
                                       "operator_headers is what tests/test_hardening.py reloads with",
+    ("docs/hospital-flow.md", "storescu"): "a modality's push; tests/test_router.py pushes with the real storescu",
+    ("docs/hospital-flow.md", "kubectl"): "acts on a live cluster: none here (the router example overlay is "
+                                          "rendered by a real kubectl and validated offline in tests/test_router.py)",
     ("docs/wire-contract.md", "="): "shell variables of the curl example, run by tests/test_client.py",
     ("docs/wire-contract.md", "printf"): "part of the curl example, run by tests/test_client.py",
     ("docs/wire-contract.md", "cat"): "part of the curl example, run by tests/test_client.py",
