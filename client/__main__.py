@@ -435,9 +435,9 @@ def _recipe(args: argparse.Namespace, writers: list[OutputWriter]) -> dict[str, 
     if any(isinstance(w, (QualityWriter, StructuredReportWriter)) for w in writers):
         recipe["quality_policy"] = args.quality_policy or "default"  # the verdict written depends on it
     if any(isinstance(w, RtStructWriter) for w in writers):
-        from clinical.rtstruct import TOLERANCE_PX
+        from clinical.rtstruct import CONTOURS
 
-        recipe["rtstruct_tolerance_px"] = TOLERANCE_PX  # how closely the contours follow the label map
+        recipe["rtstruct_contours"] = CONTOURS  # how the contours follow the label map
     return recipe
 
 

@@ -8,7 +8,9 @@ even-odd rule of radiotherapy planning systems fills them as holes).
 
 Contours: scikit-image's `measure.find_contours` (marching squares at the 0.5 level of the binary slice, so
 the outline runs half-way between a structure's pixel centres and its neighbours'), thinned with
-`measure.approximate_polygon` (Douglas-Peucker, `TOLERANCE_PX`). Points go from (row, column) of a slice to
+only the points where the outline turns kept (a straight run is the same line without its middle points;
+Douglas-Peucker thinning, `measure.approximate_polygon`, was slower than the rest together: docs/quality-and-reports.md).
+Structures are cropped to their bounding boxes first (`scipy.ndimage.find_objects`). Points go from (row, column) of a slice to
 patient LPS mm with that slice's own ImagePositionPatient, ImageOrientationPatient and PixelSpacing, so
 non-square pixels, uneven slice spacing and gantry tilt are placed right.
 
@@ -27,8 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+from scipy import ndimage
 from skimage import measure
 
 from clinical import structures as st
@@ -37,37 +42,46 @@ from wholebody.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
-# Douglas-Peucker tolerance in pixels: a point is dropped when the outline moves less than this without it.
-# A quarter pixel keeps the contours within the voxel grid's own uncertainty (Dice of the filled contours
-# against the label map >= 0.9 per structure in tests/test_rtstruct.py).
-TOLERANCE_PX = 0.25
+# How a contour is made, recorded in the client's resume recipe (a rerun by a version that contours otherwise
+# makes its RTSTRUCTs again): marching squares at 0.5, straight runs reduced to their ends
+CONTOURS = "find_contours-0.5-corners"
 # DICOM PS3.3 C.8.8.5.3: the RT Referenced Study's Referenced SOP Class UID is the (retired) Detached Study
 # Management SOP Class, the value planning systems expect
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 REFERENCED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
 GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+CONTOUR_DATA = Tag(0x3006, 0x0050)
 
 
 class RtStructError(ValueError):
     """An RTSTRUCT that cannot be written; the message is one line naming the file and the fix."""
 
 
-def slice_contours(mask: np.ndarray, tolerance: float = TOLERANCE_PX) -> list[np.ndarray]:
+def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
     """The outlines of a binary slice: a list of [N, 2] float arrays of (row, column) pixel coordinates.
 
     mask: [rows, columns] bool. Each outline is closed (its last point is not its first repeated), has at
     least 3 points and runs at the 0.5 level between foreground and background pixel centres; pixels on the
-    slice's edge are closed off by a one-pixel background border. Holes are outlines of their own.
+    slice's edge are closed off by a one-pixel background border. Holes are outlines of their own. Points in
+    the middle of a straight run are left out (`_corners`): the outline is the same without them.
     """
     padded = np.pad(mask.astype(np.float32), 1)
     out = []
     for contour in measure.find_contours(padded, 0.5, fully_connected="high"):
-        contour = measure.approximate_polygon(contour, tolerance) - 1.0  # undo the border
-        if len(contour) > 1 and np.allclose(contour[0], contour[-1]):
+        if len(contour) > 1 and np.array_equal(contour[0], contour[-1]):
             contour = contour[:-1]
+        contour = _corners(contour) - 1.0  # undo the border
         if len(contour) >= 3:
             out.append(contour)
     return out
+
+
+def _corners(contour: np.ndarray) -> np.ndarray:
+    """The points of a closed outline [N, 2] where it turns (cross product of the steps in and out not 0)."""
+    before = contour - np.roll(contour, 1, axis=0)
+    after = np.roll(contour, -1, axis=0) - contour
+    turn = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    return contour[np.abs(turn) > 1e-9]
 
 
 def pixel_to_patient(ds: Dataset, points: np.ndarray) -> np.ndarray:
@@ -129,7 +143,9 @@ def write_rtstruct(
         if not all(ds.get(key) for ds in source):
             raise RtStructError(f"{path}: the source series lacks {key} (anonymised away?), so an RTSTRUCT cannot "
                                 "reference it; write NIfTI or seg.nrrd instead")
-    present = [int(v) for v in np.unique(label_map) if v != 0]
+    label_map = np.asarray(label_map, dtype=np.uint8)
+    boxes = ndimage.find_objects(label_map)  # label - 1 -> its bounding box, None when absent
+    present = [i + 1 for i, box in enumerate(boxes) if box is not None]
     if not present:
         raise RtStructError(f"{path}: the label map is empty (no structure found); an RTSTRUCT needs one ROI")
     if present[-1] >= min(len(names), len(colors)):
@@ -190,7 +206,7 @@ def write_rtstruct(
         roi_contour = Dataset()
         roi_contour.ROIDisplayColor = [int(c) for c in colors[label]]
         roi_contour.ReferencedROINumber = number
-        roi_contour.ContourSequence = _contours(label_map, label, source)
+        roi_contour.ContourSequence = _contours(label_map, label, boxes[label - 1], source)
         contours.append(roi_contour)
         observation = Dataset()
         observation.ObservationNumber, observation.ReferencedROINumber = number, number
@@ -206,14 +222,17 @@ def write_rtstruct(
     return path
 
 
-def _contours(label_map: np.ndarray, label: int, source: Sequence[Dataset]) -> list[Dataset]:
-    """The CLOSED_PLANAR contour items of `label`, slice by slice (Z order), each referencing its slice."""
+def _contours(label_map: np.ndarray, label: int, box: tuple[slice, slice, slice],
+              source: Sequence[Dataset]) -> list[Dataset]:
+    """The CLOSED_PLANAR contour items of `label` within its bounding `box`, slice by slice (Z order), each
+    referencing its slice."""
     items: list[Dataset] = []
-    zs = np.flatnonzero(np.any(label_map == label, axis=(0, 1)))
-    for z in zs:
-        mask = (label_map[:, :, z] == label).T  # [X, Y] -> [rows, columns]
-        for outline in slice_contours(mask):
-            points = pixel_to_patient(source[z], outline)
+    crop = label_map[box] == label
+    corner = np.array([box[1].start, box[0].start], dtype=np.float64)  # (row, column) of the crop's origin
+    for dz in np.flatnonzero(np.any(crop, axis=(0, 1))):
+        z = box[2].start + int(dz)
+        for outline in slice_contours(crop[:, :, dz].T):  # [X, Y] -> [rows, columns]
+            points = pixel_to_patient(source[z], outline + corner)
             image = Dataset()
             image.ReferencedSOPClassUID = source[z].SOPClassUID
             image.ReferencedSOPInstanceUID = source[z].SOPInstanceUID
@@ -222,7 +241,18 @@ def _contours(label_map: np.ndarray, label: int, source: Sequence[Dataset]) -> l
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(points)
             item.ContourNumber = len(items) + 1
-            # DS values are at most 16 characters: micrometres are more than the grid holds
-            item.ContourData = [f"{v:.3f}" for v in points.ravel()]
+            item[CONTOUR_DATA] = _decimal_strings(CONTOUR_DATA, points.ravel())
             items.append(item)
     return items
+
+
+def _decimal_strings(tag: Tag, values: np.ndarray) -> RawDataElement:
+    """`values` as one DS element, encoded as Explicit VR Little Endian (the transfer syntax written here).
+
+    Micrometres ("%.3f", at most 16 characters per value for |value| < 1e11 mm) are finer than any CT grid.
+    Given pydicom as encoded bytes: made value by value, its DS objects cost more than the contours themselves
+    (5 of 8 s for 94,000 points; `python -m perf.rtstruct_benchmark`)."""
+    text = "\\".join(f"{v:.3f}" for v in values).encode("ascii")
+    if len(text) % 2:
+        text += b" "  # DICOM values have even length; DS pads with a space
+    return RawDataElement(tag, "DS", len(text), text, 0, False, True)

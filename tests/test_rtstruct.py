@@ -25,7 +25,7 @@ from client.cohort import MANIFEST_NAME, read_manifest
 from clinical import structures as st
 from clinical.dicom_series import DicomSeries, read_ct_series, write_ct_series
 from clinical.dicomweb import find_series
-from clinical.rtstruct import TOLERANCE_PX, RtStructError, write_rtstruct
+from clinical.rtstruct import CONTOURS, RtStructError, write_rtstruct
 from tests import seg_readers as readers
 from tests.orthanc import LocalOrthanc
 from wholebody.sample_data import real_ct
@@ -226,7 +226,7 @@ def test_client_rtstruct_end_to_end(server: LocalTritonServer, tmp_path: Path, m
         (stored,) = find_series(orthanc.dicomweb, STUDY, modality="RTSTRUCT")
         assert stored == ds.SeriesInstanceUID
         (record,) = read_manifest(tmp_path / "out" / MANIFEST_NAME)
-        assert record["recipe"]["rtstruct_tolerance_px"] == TOLERANCE_PX
+        assert record["recipe"]["rtstruct_contours"] == CONTOURS
         assert str(rtstruct) in record["outputs"]
 
         made = rtstruct.stat().st_mtime_ns
