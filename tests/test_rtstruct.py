@@ -147,12 +147,12 @@ def test_rtstruct_conforms_reads_back_and_keeps_orientation(tmp_path: Path, geom
     colours = {r.ReferencedROINumber: tuple(r.ROIDisplayColor) for r in ds.ROIContourSequence}
     for roi in ds.StructureSetROISequence:
         assert colours[roi.ROINumber] == st.by_name(roi.ROIName).color
-    for value in present:
+    for value in present:  # outlines half-way between pixel centres: every voxel comes back, no other
         name = st.label_names()[value]
         assert dice(masks[name], labels == value) >= 0.9, name
+        assert np.array_equal(masks[name], labels == value), name
     # the ring keeps its hole; the edge-touching spleen is whole
     assert not masks["aorta"][labels.shape[0] // 2, labels.shape[1] // 2, 5]
-    assert dice(masks["spleen"], labels == LABEL["spleen"]) >= 0.9
 
     # orientation: the left/anterior/superior structure is there in patient LPS, where the NIfTI affine puts it
     left, liver = points["kidney_left"].mean(axis=0), points["liver"].mean(axis=0)
