@@ -326,8 +326,10 @@ def _segment(
     if dicom_only:
         not_dicom = [s for s in found.scans if s.series_uid is None]
         if not_dicom:
-            log.error("error: %s needs DICOM inputs (it references the CT series), but %s "
-                      "%s NIfTI; segment NIfTI files without it", " and ".join(dicom_only), ", ".join(str(s.source) for s in not_dicom[:3])
+            log.error("error: %s %s DICOM inputs (it references the CT series), but %s "
+                      "%s NIfTI; segment NIfTI files without it", " and ".join(dicom_only),
+                      "needs" if len(dicom_only) == 1 else "need",
+                      ", ".join(str(s.source) for s in not_dicom[:3])
                       + (f" and {len(not_dicom) - 3} more" if len(not_dicom) > 3 else ""),
                       "is" if len(not_dicom) == 1 else "are")
             return 2
@@ -466,12 +468,14 @@ def _sigterm_as_interrupt() -> Iterator[_Signals]:
 
 
 def _store_segs(url: str, summary: CohortSummary, writers: list[OutputWriter]) -> int:
-    """STOW-RS the DICOM-SEG (and the SR with --sr, the RTSTRUCT with --rtstruct) of every scan segmented or skipped (a SEG stored again
+    """STOW-RS the DICOM-SEG (and the SR with --sr, the RTSTRUCT with --rtstruct) of every scan segmented or
+    skipped (a SEG stored again
     keeps its SOP Instance UID, so a rerun completes an interrupted store without duplicates), except those
     whose quality checks hold them back (one line each). Returns the number that failed."""
     from clinical.dicomweb import DicomWebError, store
 
-    indices = [i for i, w in enumerate(writers) if isinstance(w, (DicomSegWriter, StructuredReportWriter, RtStructWriter))]
+    stored_kinds = (DicomSegWriter, StructuredReportWriter, RtStructWriter)
+    indices = [i for i, w in enumerate(writers) if isinstance(w, stored_kinds)]
     checked = any(isinstance(w, (QualityWriter, StructuredReportWriter)) for w in writers)
     failed = stored = held = 0
     for record in summary.records:

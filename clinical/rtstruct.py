@@ -7,12 +7,12 @@ touches, each referencing that slice's SOP Instance; holes come as further conto
 even-odd rule of radiotherapy planning systems fills them as holes).
 
 Contours: scikit-image's `measure.find_contours` (marching squares at the 0.5 level of the binary slice, so
-the outline runs half-way between a structure's pixel centres and its neighbours'), thinned with
-only the points where the outline turns kept (a straight run is the same line without its middle points;
-Douglas-Peucker thinning, `measure.approximate_polygon`, was slower than the rest together: docs/quality-and-reports.md).
-Structures are cropped to their bounding boxes first (`scipy.ndimage.find_objects`). Points go from (row, column) of a slice to
-patient LPS mm with that slice's own ImagePositionPatient, ImageOrientationPatient and PixelSpacing, so
-non-square pixels, uneven slice spacing and gantry tilt are placed right.
+the outline runs half-way between a structure's pixel centres and its neighbours'), keeping only the points
+where an outline turns (a straight run is the same line without its middle points; Douglas-Peucker thinning,
+`measure.approximate_polygon`, took longer than everything else together and kept as many points). Each
+structure is cropped to its bounding box first (`scipy.ndimage.find_objects`). Points go from (row, column)
+of a slice to patient LPS mm with that slice's own ImagePositionPatient, ImageOrientationPatient and
+PixelSpacing, so non-square pixels, uneven slice spacing and gantry tilt are placed right.
 
 Why not rt-utils (the usual choice): 1.2.7 works with pydicom 3, but it requires the GUI build of OpenCV
 (`opencv-python`, not the headless wheel) and the `dataclasses` backport, its output fails dciodvfy (no Frame
@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 # How a contour is made, recorded in the client's resume recipe (a rerun by a version that contours otherwise
 # makes its RTSTRUCTs again): marching squares at 0.5, straight runs reduced to their ends
 CONTOURS = "find_contours-0.5-corners"
-# DICOM PS3.3 C.8.8.5.3: the RT Referenced Study's Referenced SOP Class UID is the (retired) Detached Study
-# Management SOP Class, the value planning systems expect
+# The RT Referenced Study's Referenced SOP Class UID: the (retired) Detached Study Management SOP Class, what
+# RTSTRUCT writers put there (rt-utils does) and dciodvfy accepts
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 REFERENCED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
 GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
@@ -149,7 +149,8 @@ def write_rtstruct(
     if not present:
         raise RtStructError(f"{path}: the label map is empty (no structure found); an RTSTRUCT needs one ROI")
     if present[-1] >= min(len(names), len(colors)):
-        raise RtStructError(f"{path}: label {present[-1]} has no name or colour (0..{min(len(names), len(colors)) - 1})")
+        known = min(len(names), len(colors))
+        raise RtStructError(f"{path}: label {present[-1]} has no name or colour (0..{known - 1}); give names and colors")
 
     if uid_seed is None:
         series_uid, sop_uid = generate_uid(), generate_uid()
@@ -190,7 +191,8 @@ def write_rtstruct(
     series_ref = Dataset()
     series_ref.SeriesInstanceUID, series_ref.ContourImageSequence = first.SeriesInstanceUID, images
     study_ref = Dataset()
-    study_ref.ReferencedSOPClassUID, study_ref.ReferencedSOPInstanceUID = DETACHED_STUDY_MANAGEMENT, first.StudyInstanceUID
+    study_ref.ReferencedSOPClassUID = DETACHED_STUDY_MANAGEMENT
+    study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
     study_ref.RTReferencedSeriesSequence = [series_ref]
     frame_ref = Dataset()
     frame_ref.FrameOfReferenceUID, frame_ref.RTReferencedStudySequence = frame_uid, [study_ref]
