@@ -24,7 +24,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from client.cohort import MANIFEST_NAME, CohortLocked, CohortOptions, CohortSummary, Record, run_cohort
 from client.inputs import DicomFormat, Discovery, NiftiFormat, discover
 from client.outputs import (OUTPUT_TYPES, DicomSegWriter, NiftiLabelMapWriter, OutputError, OutputWriter,
-                            QualityWriter, StructuredReportWriter, check_output_dir, make_writers, plan_outputs)
+                            QualityWriter, RtStructWriter, StructuredReportWriter, check_output_dir, make_writers,
+                            plan_outputs)
 from client.segmentation_client import SegmentationClient, SegmentationError
 from clinical import structures
 from clinical.seg_encodings import DEFAULT_ENCODING, ENCODINGS
@@ -55,6 +56,7 @@ Quality checks and DICOM SR (docs/quality-and-reports.md):
   python -m client study/ -o labels/ --quality-checks --quality-policy incomplete=mark,laterality=hold
         # labels/study/series3_quality.json, and the verdict in the manifest's "quality"
   python -m client study/ -o labels/ --sr   # series3_seg.dcm and its TID 1500 SR series3_seg_sr.dcm
+  python -m client study/ -o labels/ --rtstruct   # series3_rtstruct.dcm: RT Structure Set for radiotherapy
 PACS (DICOMweb: QIDO-RS/WADO-RS to pull, STOW-RS to store):
   python -m client --dicomweb http://pacs:8042/dicom-web --study 1.2.3.4 --store-seg -o labels/
         # pulls the study's CT series into a temporary folder (removed afterwards), segments each,
@@ -176,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a DICOM SR (TID 1500) with each structure's volume and HU statistics and the quality checks, "
         "referencing the DICOM-SEG (implies dicom-seg; DICOM inputs only): <name>_seg_sr.dcm; stored with --store-seg",
     )
+    outputs.add_argument(
+        "--rtstruct", action="store_true",
+        help="an RT Structure Set for radiotherapy planning: one ROI of per-slice contours per structure, named and "
+        "coloured as in clinical/structures.json (DICOM inputs only): <name>_rtstruct.dcm; stored with --store-seg",
+    )
     outputs.add_argument("--preview", action="store_true",
                          help="<name>_preview.png: three orthogonal CT slices with the labels overlaid")
     dicom = parser.add_argument_group("DICOM and PACS")
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         writers = make_writers(output_types, statistics=args.statistics, preview=args.preview,
                                seg_encoding=args.seg_encoding or DEFAULT_ENCODING, quality=args.quality_checks,
-                               quality_policy=policy, sr=args.sr)
+                               quality_policy=policy, sr=args.sr, rtstruct=args.rtstruct)
     except ValueError as exc:
         parser.error(str(exc))
     label_filter = None
@@ -314,11 +321,15 @@ def _segment(
     label_filter: Callable[[np.ndarray], np.ndarray] | None,
 ) -> int:
     """Plan, check and run the cohort of `found`; store the DICOM-SEGs with --store-seg. Returns the exit status."""
-    if any(isinstance(w, DicomSegWriter) for w in writers):
+    dicom_only = [flag for flag, kind in (("--output-type dicom-seg", DicomSegWriter), ("--rtstruct", RtStructWriter))
+                  if any(isinstance(w, kind) for w in writers)]
+    if dicom_only:
         not_dicom = [s for s in found.scans if s.series_uid is None]
         if not_dicom:
-            log.error("error: --output-type dicom-seg needs DICOM inputs (it references the CT series), but %s "
-                      "%s NIfTI; segment NIfTI files without dicom-seg", ", ".join(str(s.source) for s in not_dicom[:3])
+            log.error("error: %s %s DICOM inputs (it references the CT series), but %s "
+                      "%s NIfTI; segment NIfTI files without it", " and ".join(dicom_only),
+                      "needs" if len(dicom_only) == 1 else "need",
+                      ", ".join(str(s.source) for s in not_dicom[:3])
                       + (f" and {len(not_dicom) - 3} more" if len(not_dicom) > 3 else ""),
                       "is" if len(not_dicom) == 1 else "are")
             return 2
@@ -425,6 +436,10 @@ def _recipe(args: argparse.Namespace, writers: list[OutputWriter]) -> dict[str, 
         recipe["seg_encoding"] = args.seg_encoding or DEFAULT_ENCODING
     if any(isinstance(w, (QualityWriter, StructuredReportWriter)) for w in writers):
         recipe["quality_policy"] = args.quality_policy or "default"  # the verdict written depends on it
+    if any(isinstance(w, RtStructWriter) for w in writers):
+        from clinical.rtstruct import CONTOURS
+
+        recipe["rtstruct_contours"] = CONTOURS  # how the contours follow the label map
     return recipe
 
 
@@ -453,12 +468,14 @@ def _sigterm_as_interrupt() -> Iterator[_Signals]:
 
 
 def _store_segs(url: str, summary: CohortSummary, writers: list[OutputWriter]) -> int:
-    """STOW-RS the DICOM-SEG (and the SR, with --sr) of every scan segmented or skipped (a SEG stored again
+    """STOW-RS the DICOM-SEG (and the SR with --sr, the RTSTRUCT with --rtstruct) of every scan segmented or
+    skipped (a SEG stored again
     keeps its SOP Instance UID, so a rerun completes an interrupted store without duplicates), except those
     whose quality checks hold them back (one line each). Returns the number that failed."""
     from clinical.dicomweb import DicomWebError, store
 
-    indices = [i for i, w in enumerate(writers) if isinstance(w, (DicomSegWriter, StructuredReportWriter))]
+    stored_kinds = (DicomSegWriter, StructuredReportWriter, RtStructWriter)
+    indices = [i for i, w in enumerate(writers) if isinstance(w, stored_kinds)]
     checked = any(isinstance(w, (QualityWriter, StructuredReportWriter)) for w in writers)
     failed = stored = held = 0
     for record in summary.records:
@@ -484,7 +501,9 @@ def _store_segs(url: str, summary: CohortSummary, writers: list[OutputWriter]) -
         except DicomWebError as exc:
             log.error("error: %s: storing %s: %s", record.input, ", ".join(files), exc)
             failed += 1
-    kinds = "DICOM-SEG" + (" and SR" if any(isinstance(w, StructuredReportWriter) for w in writers) else "")
+    extra = [name for name, kind in (("SR", StructuredReportWriter), ("RTSTRUCT", RtStructWriter))
+             if any(isinstance(w, kind) for w in writers)]
+    kinds = " and ".join(["DICOM-SEG", *extra]) if len(extra) < 2 else "DICOM-SEG, SR and RTSTRUCT"
     print(f"stored the {kinds} of {stored} scan{'s' if stored != 1 else ''} on {url}"
           + (f"; {held} held back by the quality checks" if held else ""), file=sys.stdout)
     return failed

@@ -4,7 +4,8 @@ An output type is an `OutputWriter`: it names its file for a scan and writes it 
 and the scan's `Volume`: the NIfTI label map, a DICOM-SEG (DICOM inputs), a Slicer .seg.nrrd, the
 per-structure statistics (JSON and CSV: two writers sharing one computation) and a preview PNG.
 With quality checks, `<name>_quality.json` (`clinical.quality`; its summary goes into the manifest
-record) and with `sr`, a DICOM SR (`clinical.structured_report`) next to the DICOM-SEG it references.
+record) and with `sr`, a DICOM SR (`clinical.structured_report`) next to the DICOM-SEG it references; with
+`rtstruct`, an RT Structure Set (`clinical.rtstruct`) for radiotherapy planning systems.
 The formats themselves live in `clinical/`; the writers here only name files and pass arrays.
 Structure names, colours and codes come from `clinical.structures` (the server's `label_names` are
 checked against them once per run by the CLI). Every file is written under a hidden temporary name
@@ -307,6 +308,30 @@ def seg_path_of(sr_path: Path) -> Path:
     return sr_path.with_name(sr_path.name[: -len(SR_SUFFIX)] + ".dcm")
 
 
+RTSTRUCT_SUFFIX = "_rtstruct.dcm"
+
+
+@dataclass(frozen=True)
+class RtStructWriter:
+    """`<name>_rtstruct.dcm`: an RT Structure Set referencing the scan's CT series, one ROI per structure present,
+    named and coloured from `clinical/structures.json` (`clinical.rtstruct`). Only for DICOM scans; refused
+    where a DICOM-SEG is (a series without the UIDs to reference, a multi-frame CT)."""
+
+    def output_name(self, scan: Scan, suffix: str) -> str:
+        return f"{scan.relative.name}{RTSTRUCT_SUFFIX}"
+
+    def refusal(self, volume: Volume) -> str | None:
+        why = DicomSegWriter().refusal(volume)
+        return None if why is None else why.replace("a DICOM-SEG", "an RTSTRUCT")
+
+    def write(self, label_map: np.ndarray, volume: Volume, path: Path) -> None:
+        if volume.source_datasets is None:
+            raise ValueError("an RTSTRUCT needs a DICOM input series to reference")
+        from clinical.rtstruct import write_rtstruct
+
+        write_rtstruct(label_map, volume.source_datasets, path, structures.label_names(), structure_colors())
+
+
 @dataclass(frozen=True)
 class PreviewWriter:
     """A PNG of three orthogonal CT slices with the labels in their colours (`clinical.preview`)."""
@@ -322,11 +347,12 @@ class PreviewWriter:
 
 def make_writers(output_types: Sequence[str] = ("nifti",), statistics: bool = False,
                  preview: bool = False, seg_encoding: str = DEFAULT_ENCODING, quality: bool = False,
-                 quality_policy: QualityPolicy | None = None, sr: bool = False) -> list[OutputWriter]:
+                 quality_policy: QualityPolicy | None = None, sr: bool = False,
+                 rtstruct: bool = False) -> list[OutputWriter]:
     """The writers for `output_types` (a subset of OUTPUT_TYPES, in that order) and the extras; the
     DICOM-SEG in `seg_encoding` (a name of `clinical.seg_encodings.ENCODINGS`); with `quality` the quality
     JSON under `quality_policy` (default: clinical.quality.DEFAULT_ACTIONS); with `sr` the SR after the
-    DICOM-SEG (`sr` needs "dicom-seg" in `output_types`).
+    DICOM-SEG (`sr` needs "dicom-seg" in `output_types`); with `rtstruct` the RT Structure Set (DICOM inputs).
 
     Raises ValueError naming the valid types for an unknown one or an unknown encoding, or when
     nothing would be written.
@@ -345,6 +371,8 @@ def make_writers(output_types: Sequence[str] = ("nifti",), statistics: bool = Fa
     checks = QualityTable(quality_policy, table)
     if sr:
         writers.insert(writers.index(by_type["dicom-seg"]) + 1, StructuredReportWriter(checks))
+    if rtstruct:
+        writers.append(RtStructWriter())
     if statistics:
         writers += [StatisticsWriter(table, "json"), StatisticsWriter(table, "csv")]
     if quality:
@@ -352,7 +380,7 @@ def make_writers(output_types: Sequence[str] = ("nifti",), statistics: bool = Fa
     if preview:
         writers.append(PreviewWriter())
     if not writers:
-        raise ValueError("no output requested; give --output-type, --statistics or --preview")
+        raise ValueError("no output requested; give --output-type, --statistics, --rtstruct or --preview")
     return writers
 
 
