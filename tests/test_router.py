@@ -88,6 +88,9 @@ def test_rules_files_yaml_and_json(tmp_path: Path) -> None:
     ('{"description_include": ["(unclosed"]}', "not a regular expression"),
     ('{"slice_thickness_mm": [5, 1]}', "[min, max]"),
     ('{"min_slices": 0}', "positive integer"),
+    ('{"min_slices": true}', "positive integer"),  # a bool is a Python int: true must not mean 1 slice
+    ('{"max_tilt_deg": true}', "number of degrees"),
+    ('{"slice_thickness_mm": [false, 5]}', "[min, max]"),
     ('{"orientation": "coronal"}', "'axial' or 'any'"),
     ("[1, 2]", "must be a mapping"),
     ("{", "not valid JSON"),
