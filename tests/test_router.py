@@ -405,6 +405,10 @@ def test_router_cli_rejects_bad_input_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "router", "status", "--state-dir", str(tmp_path / "none")],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and "no router state here" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "router", "retry", "abc", "--state-dir", str(tmp_path / "typo")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "no router state here" in result.stderr
+    assert not (tmp_path / "typo").exists()  # a mistyped --state-dir gets no fresh, empty state
 
 
 def test_stack_prints_its_addresses_and_ctrl_c_stops_everything(server: object, tmp_path: Path) -> None:
