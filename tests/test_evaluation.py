@@ -173,6 +173,9 @@ def test_dataset_layouts_and_their_errors(tmp_path: Path) -> None:
     listing.write_text("ds/imagesTr/b.nii.gz,ds/labelsTr/missing.nii.gz\n")
     with pytest.raises(DatasetError, match="line 1: .*missing.nii.gz does not exist"):
         read_dataset(listing)
+    listing.write_bytes("caf\u00e9.nii.gz,b.nii.gz\n".encode("latin-1"))  # a spreadsheet's Latin-1 export
+    with pytest.raises(DatasetError, match=r"pairs\.csv: not UTF-8 text"):
+        read_dataset(listing)
     (tmp_path / "ds" / "labelsTr" / "b.nii.gz").unlink()
     with pytest.raises(DatasetError, match=r"b\.nii\.gz: no ground truth"):
         read_dataset(tmp_path / "ds")
