@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     except sqlite3.Error as exc:
         log.error("%s: router state unusable (%s); move it away to start afresh", args.state_dir, exc)
         return 2
+    except OSError as exc:  # e.g. --state-dir is a file or not writable, or --status-port is taken
+        log.error("%s: %s; give a writable --state-dir and a free --status-port", exc.filename or args.state_dir,
+                  exc.strerror or exc)
+        return 2
 
 
 if __name__ == "__main__":

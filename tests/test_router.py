@@ -409,6 +409,12 @@ def test_router_cli_rejects_bad_input_in_one_line(tmp_path: Path) -> None:
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and "no router state here" in result.stderr
     assert not (tmp_path / "typo").exists()  # a mistyped --state-dir gets no fresh, empty state
+    (tmp_path / "afile").write_text("")
+    result = subprocess.run([sys.executable, "-m", "router", "run", "--state-dir", str(tmp_path / "afile"),
+                             "--orthanc", "http://127.0.0.1:9"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "afile: File exists; give a writable --state-dir" in result.stderr
 
 
 def test_stack_prints_its_addresses_and_ctrl_c_stops_everything(server: object, tmp_path: Path) -> None:
