@@ -130,6 +130,8 @@ def load_rules(path: str | Path | None) -> Rules:
         text = path.read_text()
     except OSError as exc:
         raise RulesError(f"{path}: cannot read the rules file ({exc.strerror}); give an existing YAML or JSON file")
+    except UnicodeDecodeError as exc:  # a ValueError: without this its message would not name the file
+        raise RulesError(f"{path}: not UTF-8 text (byte {exc.start}); save the rules file as UTF-8") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml

@@ -103,6 +103,9 @@ def test_bad_rules_files_are_named_with_the_fix(tmp_path: Path, content: str, me
     assert message in str(raised.value)
     with pytest.raises(RulesError, match="cannot read"):
         load_rules(tmp_path / "missing.json")
+    (tmp_path / "latin1.yaml").write_bytes("min_slices: 3  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RulesError, match=r"latin1\.yaml: not UTF-8 text"):
+        load_rules(tmp_path / "latin1.yaml")
 
 
 # --- retries and the state store ----------------------------------------------------------------------
