@@ -182,6 +182,8 @@ def decide(rules: Rules, facts: SeriesFacts) -> Decision:
     if rules.orientation == "axial":
         if facts.orientation is None or len(facts.orientation) != 6:
             return Decision(False, "no ImageOrientationPatient while the rules ask for axial slices")
+        if not all(math.isfinite(v) for v in facts.orientation):  # NaN made tilt_deg 0: taken as axial
+            return Decision(False, "ImageOrientationPatient is not finite while the rules ask for axial slices")
         tilt = tilt_deg(facts.orientation)
         if tilt > rules.max_tilt_deg:
             return Decision(False, f"not axial: slice normal {tilt:.0f} deg from the body axis "

@@ -50,6 +50,7 @@ def test_default_rules_take_an_axial_ct() -> None:
     ({"description": "Patient Protocol DOSE"}, "description_exclude"),
     ({"orientation": (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)}, "not axial"),  # sagittal
     ({"orientation": None}, "no ImageOrientationPatient"),
+    ({"orientation": (float("nan"),) * 6}, "ImageOrientationPatient is not finite"),  # "NaN" parses as float
     ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "LOCALIZER"),
 ])
 def test_default_rules_refuse_and_say_why(change: dict[str, object], reason: str) -> None:
