@@ -138,6 +138,11 @@ def test_state_records_series_with_the_feed_position_once(tmp_path: Path) -> Non
         assert store.record_changes([NewSeries("a", "1.2.1", "1.2", True, "ok")], 12, now=101.0) == 0  # seen
         assert store.last_seq() == 12
         assert store.counts()["queued"] == 1 and store.counts()["ignored"] == 1
+        # "b" stable again with the rest of its slices (a slow sender): the rules take it now, so it is queued
+        assert not store.known("b") and store.known("a")
+        assert store.record_changes([NewSeries("b", "1.2.2", "1.2", True, "ok")], 12, now=102.0) == 1
+        assert store.counts()["queued"] == 2 and store.counts()["ignored"] == 0
+        assert store.record_changes([NewSeries("b", "1.2.2", "1.2", True, "ok")], 12, now=103.0) == 0  # once
         # a page whose recording fails leaves neither its rows nor its position
         with pytest.raises(sqlite3.Error):
             unbindable = NewSeries("d", object(), "", True, "")  # type: ignore[arg-type]
