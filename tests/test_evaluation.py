@@ -326,7 +326,8 @@ def test_variant_specs_and_structure_names(tmp_path: Path, caplog: pytest.LogCap
     folder = parse_variant(f"folder={tmp_path}", ["a:8001"], "lowres", "torch_fp32")
     assert folder.folder == tmp_path and folder.urls == () and folder.network is None
     for bad, message in (("network=fp64", "unknown network 'fp64'"), ("gpu=1", "unknown key 'gpu'"),
-                         ("resolution=medium", "unknown resolution"), (f"folder={tmp_path / 'none'}", "not a folder")):
+                         ("resolution=medium", "unknown resolution"), (f"folder={tmp_path / 'none'}", "not a folder"),
+                         ("name=../up", "name '../up' must be"), ("name=..", "name '..' must be")):
         with pytest.raises(EvaluationError, match=message):
             parse_variant(bad, ["a:8001"])
     assert main(["evaluate", str(tmp_path), "-o", str(tmp_path / "o"), "--structures", "livr"]) == 2
