@@ -424,6 +424,11 @@ def test_router_cli_rejects_bad_input_in_one_line(tmp_path: Path) -> None:
                             timeout=60, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "afile: File exists; give a writable --state-dir" in result.stderr
+    for flag, value in (("--backoff-seconds", "-1"), ("--backoff-cap-seconds", "-5"), ("--poll-seconds", "0")):
+        result = subprocess.run([sys.executable, "-m", "router", "run", flag, value, "--state-dir", str(tmp_path / "s"),
+                                 "--orthanc", "http://127.0.0.1:9"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert result.returncode == 2 and "must be >= 0 and --poll-seconds > 0" in result.stderr, flag
 
 
 def test_stack_prints_its_addresses_and_ctrl_c_stops_everything(server: object, tmp_path: Path) -> None:
