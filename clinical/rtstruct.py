@@ -143,7 +143,12 @@ def write_rtstruct(
         if not all(ds.get(key) for ds in source):
             raise RtStructError(f"{path}: the source series lacks {key} (anonymised away?), so an RTSTRUCT cannot "
                                 "reference it; write NIfTI or seg.nrrd instead")
-    label_map = np.asarray(label_map, dtype=np.uint8)
+    label_map = np.asarray(label_map)
+    if label_map.dtype != np.uint8 and label_map.size and (label_map.min() < 0 or label_map.max() > 255):
+        # a cast to uint8 wraps them (300 -> 44): an ROI under another structure's name
+        raise RtStructError(f"{path}: label values {label_map.min()}..{label_map.max()} outside 0..255; give the "
+                            "bundle's uint8 labels")
+    label_map = label_map.astype(np.uint8, copy=False)
     boxes = ndimage.find_objects(label_map)  # label - 1 -> its bounding box, None when absent
     present = [i + 1 for i, box in enumerate(boxes) if box is not None]
     if not present:

@@ -103,7 +103,10 @@ def _read_folder(root: Path) -> list[Pair]:
 
 def _read_list(path: Path) -> list[Pair]:
     pairs: list[Pair] = []
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:  # e.g. a spreadsheet's Latin-1 export: one line, not a traceback
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}); save the list as UTF-8") from None
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):

@@ -101,7 +101,12 @@ def parse_variant(spec: str, default_urls: Sequence[str], resolution: str | None
     if folder is not None and not folder.is_dir():
         raise EvaluationError(f"variant {spec!r}: {folder} is not a folder; give the folder of predicted label maps")
     shown = [v for k in ("network", "url", "resolution", "folder") for v in values.get(k, [])]
-    name = values.get("name", [None])[-1] or re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(shown)).strip("-") or "default"
+    given = values.get("name", [None])[-1]
+    if given is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+", given) or given in (".", "..")):
+        # it names the folder <output>/predictions/<name>: "../x" or "a/b" would write outside it
+        raise EvaluationError(f"variant {spec!r}: name {given!r} must be letters, digits, '_', '.' or '-' "
+                              "(it names a folder of the output)")
+    name = given or re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(shown)).strip("-") or "default"
     return Variant(name=name, urls=tuple(values.get("url", default_urls)) if folder is None else (),
                    network=net if folder is None else None, resolution=res if folder is None else None, folder=folder)
 

@@ -135,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("highdicom", "urllib3"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
+        if args.command in ("status", "retry") and not (args.state_dir / "router.sqlite").exists():
+            # not made here: a mistyped --state-dir would otherwise get an empty state (and retry say "unknown")
+            log.error("%s: no router state here; pass the router's --state-dir", args.state_dir)
+            return 2
         if args.command == "status":
-            if not (args.state_dir / "router.sqlite").exists():
-                log.error("%s: no router state here; pass the router's --state-dir", args.state_dir)
-                return 2
             with StateStore(args.state_dir / "router.sqlite") as store:
                 rows = store.rows(args.status)
                 if args.json:
@@ -179,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except sqlite3.Error as exc:
         log.error("%s: router state unusable (%s); move it away to start afresh", args.state_dir, exc)
+        return 2
+    except OSError as exc:  # e.g. --state-dir is a file or not writable, or --status-port is taken
+        log.error("%s: %s; give a writable --state-dir and a free --status-port", exc.filename or args.state_dir,
+                  exc.strerror or exc)
         return 2
 
 

@@ -75,6 +75,11 @@ def _strings(where: str, key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _number(value: Any) -> bool:
+    """An int or float, not a bool (YAML's `true` is a Python int, and means no number of slices or mm)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def rules_from_mapping(data: dict[str, Any], where: str = "rules") -> Rules:
     """Rules from a parsed mapping; raises RulesError for unknown keys, wrong types or bad regexes."""
     if not isinstance(data, dict):
@@ -97,12 +102,12 @@ def rules_from_mapping(data: dict[str, Any], where: str = "rules") -> Rules:
         span = data["slice_thickness_mm"]
         if span is not None:
             if (not isinstance(span, list) or len(span) != 2
-                    or not all(isinstance(v, (int, float)) for v in span) or span[0] > span[1]):
+                    or not all(_number(v) for v in span) or span[0] > span[1]):
                 raise RulesError(f"{where}: slice_thickness_mm must be [min, max] in mm (or null), got {span!r}")
             span = (float(span[0]), float(span[1]))
         values["slice_thickness_mm"] = span
     if "min_slices" in data:
-        if not isinstance(data["min_slices"], int) or data["min_slices"] < 1:
+        if not _number(data["min_slices"]) or not isinstance(data["min_slices"], int) or data["min_slices"] < 1:
             raise RulesError(f"{where}: min_slices must be a positive integer, got {data['min_slices']!r}")
         values["min_slices"] = data["min_slices"]
     if "orientation" in data:
@@ -110,7 +115,7 @@ def rules_from_mapping(data: dict[str, Any], where: str = "rules") -> Rules:
             raise RulesError(f"{where}: orientation must be 'axial' or 'any', got {data['orientation']!r}")
         values["orientation"] = data["orientation"]
     if "max_tilt_deg" in data:
-        if not isinstance(data["max_tilt_deg"], (int, float)) or not 0 <= data["max_tilt_deg"] <= 90:
+        if not _number(data["max_tilt_deg"]) or not 0 <= data["max_tilt_deg"] <= 90:
             raise RulesError(f"{where}: max_tilt_deg must be a number of degrees 0..90, got {data['max_tilt_deg']!r}")
         values["max_tilt_deg"] = float(data["max_tilt_deg"])
     return Rules(**values)
@@ -125,6 +130,8 @@ def load_rules(path: str | Path | None) -> Rules:
         text = path.read_text()
     except OSError as exc:
         raise RulesError(f"{path}: cannot read the rules file ({exc.strerror}); give an existing YAML or JSON file")
+    except UnicodeDecodeError as exc:  # a ValueError: without this its message would not name the file
+        raise RulesError(f"{path}: not UTF-8 text (byte {exc.start}); save the rules file as UTF-8") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -175,6 +182,8 @@ def decide(rules: Rules, facts: SeriesFacts) -> Decision:
     if rules.orientation == "axial":
         if facts.orientation is None or len(facts.orientation) != 6:
             return Decision(False, "no ImageOrientationPatient while the rules ask for axial slices")
+        if not all(math.isfinite(v) for v in facts.orientation):  # NaN made tilt_deg 0: taken as axial
+            return Decision(False, "ImageOrientationPatient is not finite while the rules ask for axial slices")
         tilt = tilt_deg(facts.orientation)
         if tilt > rules.max_tilt_deg:
             return Decision(False, f"not axial: slice normal {tilt:.0f} deg from the body axis "

@@ -119,6 +119,9 @@ class Router:
             raise ValueError("the router needs at least one Triton server URL (-u HOST:PORT)")
         if config.workers_per_server < 1 or config.max_attempts < 1:
             raise ValueError("workers per server and max attempts must be at least 1")
+        if not (config.backoff_base_s >= 0 and config.backoff_cap_s >= 0 and config.poll_s > 0):
+            # a negative backoff raised in a worker's error path (the thread died, its series left `running`)
+            raise ValueError("--backoff-seconds and --backoff-cap-seconds must be >= 0 and --poll-seconds > 0")
         self.config = config
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

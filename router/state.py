@@ -9,7 +9,7 @@ files' SOP Instance UIDs and per-stage seconds (JSON). Statuses:
 - ``done``: results stored in Orthanc (and forwarded, when a PACS is set);
 - ``held``: results stored in Orthanc but not forwarded (the results hook held them back, e.g. a QC failure);
 - ``failed``: no more tries (a permanent error, or `max_attempts` reached);
-- ``ignored``: refused by the rules (the reason says which rule).
+- ``ignored``: refused by the rules (the reason says which rule); decided again if the series becomes stable again.
 
 The changes-feed position is written in the same transaction as the rows the feed's page produced
 (`record_changes`), so a crash loses neither: a restart re-reads from the last committed position, and
@@ -117,8 +117,10 @@ class StateStore:
 
     def record_changes(self, new: Iterable[NewSeries], last_seq: int, now: float | None = None) -> int:
         """Record the series of one page of the changes feed and the feed position, in one transaction.
-        A series already known keeps its row (its repeated StableSeries is not a new series). Returns the
-        number of rows added."""
+        A series already known keeps its row (its repeated StableSeries is not a new series), except an
+        `ignored` one that the rules now take: it became stable again with more instances (a slow sender's
+        first part was refused, e.g. for too few slices) and is queued. Returns the number of rows added or
+        queued again."""
         now = time.time() if now is None else now
         added = 0
         with self._transaction():
@@ -128,13 +130,19 @@ class StateStore:
                     "message, stages) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (s.orthanc_id, s.series_uid, s.study_uid, "queued" if s.accepted else "ignored", now, now,
                      s.reason, json.dumps({"queued_at": now})))
+                if cursor.rowcount == 0 and s.accepted:
+                    cursor = self._db.execute(
+                        "UPDATE series SET status = 'queued', attempts = 0, next_try = 0, updated = ?, message = ? "
+                        "WHERE orthanc_id = ? AND status = 'ignored'", (now, s.reason, s.orthanc_id))
                 added += cursor.rowcount
             self._db.execute("INSERT INTO feed (id, last_seq) VALUES (1, ?) "
                              "ON CONFLICT (id) DO UPDATE SET last_seq = excluded.last_seq", (last_seq,))
         return added
 
     def known(self, orthanc_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM series WHERE orthanc_id = ?", (orthanc_id,)).fetchone() is not None
+        """Whether the series has a row that a new StableSeries does not change (any status but `ignored`)."""
+        return self._db.execute("SELECT 1 FROM series WHERE orthanc_id = ? AND status != 'ignored'",
+                                (orthanc_id,)).fetchone() is not None
 
     # --- workers ----------------------------------------------------------------------------
     def recover(self) -> int:

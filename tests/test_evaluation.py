@@ -173,6 +173,9 @@ def test_dataset_layouts_and_their_errors(tmp_path: Path) -> None:
     listing.write_text("ds/imagesTr/b.nii.gz,ds/labelsTr/missing.nii.gz\n")
     with pytest.raises(DatasetError, match="line 1: .*missing.nii.gz does not exist"):
         read_dataset(listing)
+    listing.write_bytes("caf\u00e9.nii.gz,b.nii.gz\n".encode("latin-1"))  # a spreadsheet's Latin-1 export
+    with pytest.raises(DatasetError, match=r"pairs\.csv: not UTF-8 text"):
+        read_dataset(listing)
     (tmp_path / "ds" / "labelsTr" / "b.nii.gz").unlink()
     with pytest.raises(DatasetError, match=r"b\.nii\.gz: no ground truth"):
         read_dataset(tmp_path / "ds")
@@ -323,7 +326,8 @@ def test_variant_specs_and_structure_names(tmp_path: Path, caplog: pytest.LogCap
     folder = parse_variant(f"folder={tmp_path}", ["a:8001"], "lowres", "torch_fp32")
     assert folder.folder == tmp_path and folder.urls == () and folder.network is None
     for bad, message in (("network=fp64", "unknown network 'fp64'"), ("gpu=1", "unknown key 'gpu'"),
-                         ("resolution=medium", "unknown resolution"), (f"folder={tmp_path / 'none'}", "not a folder")):
+                         ("resolution=medium", "unknown resolution"), (f"folder={tmp_path / 'none'}", "not a folder"),
+                         ("name=../up", "name '../up' must be"), ("name=..", "name '..' must be")):
         with pytest.raises(EvaluationError, match=message):
             parse_variant(bad, ["a:8001"])
     assert main(["evaluate", str(tmp_path), "-o", str(tmp_path / "o"), "--structures", "livr"]) == 2

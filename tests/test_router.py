@@ -50,6 +50,7 @@ def test_default_rules_take_an_axial_ct() -> None:
     ({"description": "Patient Protocol DOSE"}, "description_exclude"),
     ({"orientation": (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)}, "not axial"),  # sagittal
     ({"orientation": None}, "no ImageOrientationPatient"),
+    ({"orientation": (float("nan"),) * 6}, "ImageOrientationPatient is not finite"),  # "NaN" parses as float
     ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "LOCALIZER"),
 ])
 def test_default_rules_refuse_and_say_why(change: dict[str, object], reason: str) -> None:
@@ -88,6 +89,9 @@ def test_rules_files_yaml_and_json(tmp_path: Path) -> None:
     ('{"description_include": ["(unclosed"]}', "not a regular expression"),
     ('{"slice_thickness_mm": [5, 1]}', "[min, max]"),
     ('{"min_slices": 0}', "positive integer"),
+    ('{"min_slices": true}', "positive integer"),  # a bool is a Python int: true must not mean 1 slice
+    ('{"max_tilt_deg": true}', "number of degrees"),
+    ('{"slice_thickness_mm": [false, 5]}', "[min, max]"),
     ('{"orientation": "coronal"}', "'axial' or 'any'"),
     ("[1, 2]", "must be a mapping"),
     ("{", "not valid JSON"),
@@ -100,6 +104,9 @@ def test_bad_rules_files_are_named_with_the_fix(tmp_path: Path, content: str, me
     assert message in str(raised.value)
     with pytest.raises(RulesError, match="cannot read"):
         load_rules(tmp_path / "missing.json")
+    (tmp_path / "latin1.yaml").write_bytes("min_slices: 3  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RulesError, match=r"latin1\.yaml: not UTF-8 text"):
+        load_rules(tmp_path / "latin1.yaml")
 
 
 # --- retries and the state store ----------------------------------------------------------------------
@@ -131,6 +138,11 @@ def test_state_records_series_with_the_feed_position_once(tmp_path: Path) -> Non
         assert store.record_changes([NewSeries("a", "1.2.1", "1.2", True, "ok")], 12, now=101.0) == 0  # seen
         assert store.last_seq() == 12
         assert store.counts()["queued"] == 1 and store.counts()["ignored"] == 1
+        # "b" stable again with the rest of its slices (a slow sender): the rules take it now, so it is queued
+        assert not store.known("b") and store.known("a")
+        assert store.record_changes([NewSeries("b", "1.2.2", "1.2", True, "ok")], 12, now=102.0) == 1
+        assert store.counts()["queued"] == 2 and store.counts()["ignored"] == 0
+        assert store.record_changes([NewSeries("b", "1.2.2", "1.2", True, "ok")], 12, now=103.0) == 0  # once
         # a page whose recording fails leaves neither its rows nor its position
         with pytest.raises(sqlite3.Error):
             unbindable = NewSeries("d", object(), "", True, "")  # type: ignore[arg-type]
@@ -402,6 +414,21 @@ def test_router_cli_rejects_bad_input_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "router", "status", "--state-dir", str(tmp_path / "none")],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and "no router state here" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "router", "retry", "abc", "--state-dir", str(tmp_path / "typo")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "no router state here" in result.stderr
+    assert not (tmp_path / "typo").exists()  # a mistyped --state-dir gets no fresh, empty state
+    (tmp_path / "afile").write_text("")
+    result = subprocess.run([sys.executable, "-m", "router", "run", "--state-dir", str(tmp_path / "afile"),
+                             "--orthanc", "http://127.0.0.1:9"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "afile: File exists; give a writable --state-dir" in result.stderr
+    for flag, value in (("--backoff-seconds", "-1"), ("--backoff-cap-seconds", "-5"), ("--poll-seconds", "0")):
+        result = subprocess.run([sys.executable, "-m", "router", "run", flag, value, "--state-dir", str(tmp_path / "s"),
+                                 "--orthanc", "http://127.0.0.1:9"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert result.returncode == 2 and "must be >= 0 and --poll-seconds > 0" in result.stderr, flag
 
 
 def test_stack_prints_its_addresses_and_ctrl_c_stops_everything(server: object, tmp_path: Path) -> None:

@@ -177,7 +177,11 @@ def test_rtstruct_refusals_are_one_line_and_leave_nothing(tmp_path: Path) -> Non
         write_rtstruct(labels, anonymised, path)
     with pytest.raises(RtStructError, match="not on the source series' grid") as grid:
         write_rtstruct(labels[:, :, :2], series.datasets, path)
-    for exc in (empty, no_uid, grid):
+    wide = labels.astype(np.int16)
+    wide[6, 6, 1] = 300  # would wrap to 44 (an ROI under another structure's name) in a cast to uint8
+    with pytest.raises(RtStructError, match=r"label values 0\.\.300 outside 0\.\.255") as wrapped:
+        write_rtstruct(wide, series.datasets, path)
+    for exc in (empty, no_uid, grid, wrapped):
         assert "\n" not in str(exc.value) and str(path) in str(exc.value)
     assert os.listdir(tmp_path) == ["ct"]
     # with a seed, the same UIDs again (a PACS stores a rewritten RTSTRUCT once)
