@@ -56,7 +56,8 @@ def _router_flags(parser: argparse.ArgumentParser, stack: bool) -> None:
                         help="wait after the first failed try, doubled after each (default %(default)s)")
     parser.add_argument("--backoff-cap-seconds", type=float, default=900.0, help="longest wait (default %(default)s)")
     parser.add_argument("--poll-seconds", type=float, default=1.0, help="changes feed polling (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="bound on one segmentation request, s (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=3600.0,
+                        help="bound on one segmentation request, s (default %(default)s)")
     parser.add_argument("--quality-policy", metavar="CHECK=ACTION,...",
                         help="what a failed quality check does: hold (stored in Orthanc, not forwarded), mark or "
                              "report, e.g. laterality=hold,volume=report (default: clinical.quality.DEFAULT_ACTIONS;"
