@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from clinical.quality import QualityPolicy
+from clinical.seg_encodings import ENCODINGS
 from router.orthanc import Modality
 from router.rules import RulesError, load_rules
 from router.service import Router, RouterConfig, status_table
@@ -49,8 +50,9 @@ def _router_flags(parser: argparse.ArgumentParser, stack: bool) -> None:
     parser.add_argument("--workers-per-server", type=int, default=1, metavar="N",
                         help="series in flight per Triton server (default %(default)s)")
     parser.add_argument("--resolution", choices=("highres", "lowres"), help="default: the server's")
-    parser.add_argument("--seg-encoding",
-                        help="DICOM-SEG encoding (clinical.seg_encodings; default binary: Orthanc 1.10 forwards it)")
+    parser.add_argument("--seg-encoding", choices=tuple(ENCODINGS), metavar="ENCODING",
+                        help=f"DICOM-SEG encoding, one of {', '.join(ENCODINGS)} (default binary: Orthanc 1.10 "
+                             "forwards it)")
     parser.add_argument("--max-attempts", type=int, default=4, help="tries per series (default %(default)s)")
     parser.add_argument("--backoff-seconds", type=float, default=30.0,
                         help="wait after the first failed try, doubled after each (default %(default)s)")
