@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from clinical.quality import QualityPolicy
+from clinical.seg_encodings import ENCODINGS
 from router.orthanc import Modality
 from router.rules import RulesError, load_rules
 from router.service import Router, RouterConfig, status_table
@@ -49,14 +50,16 @@ def _router_flags(parser: argparse.ArgumentParser, stack: bool) -> None:
     parser.add_argument("--workers-per-server", type=int, default=1, metavar="N",
                         help="series in flight per Triton server (default %(default)s)")
     parser.add_argument("--resolution", choices=("highres", "lowres"), help="default: the server's")
-    parser.add_argument("--seg-encoding",
-                        help="DICOM-SEG encoding (clinical.seg_encodings; default binary: Orthanc 1.10 forwards it)")
+    parser.add_argument("--seg-encoding", choices=tuple(ENCODINGS), metavar="ENCODING",
+                        help=f"DICOM-SEG encoding, one of {', '.join(ENCODINGS)} (default binary: Orthanc 1.10 "
+                             "forwards it)")
     parser.add_argument("--max-attempts", type=int, default=4, help="tries per series (default %(default)s)")
     parser.add_argument("--backoff-seconds", type=float, default=30.0,
                         help="wait after the first failed try, doubled after each (default %(default)s)")
     parser.add_argument("--backoff-cap-seconds", type=float, default=900.0, help="longest wait (default %(default)s)")
     parser.add_argument("--poll-seconds", type=float, default=1.0, help="changes feed polling (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="bound on one segmentation request, s")
+    parser.add_argument("--timeout", type=float, default=3600.0,
+                        help="bound on one segmentation request, s (default %(default)s)")
     parser.add_argument("--quality-policy", metavar="CHECK=ACTION,...",
                         help="what a failed quality check does: hold (stored in Orthanc, not forwarded), mark or "
                              "report, e.g. laterality=hold,volume=report (default: clinical.quality.DEFAULT_ACTIONS;"
@@ -73,18 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _router_flags(sub.add_parser("run", help="watch Orthanc and segment the series the rules take"), stack=False)
     status = sub.add_parser("status", help="each series' outcome")
-    status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    status.add_argument("--json", action="store_true", help="the JSON the router writes to status.json")
-    status.add_argument("--status", choices=("queued", "running", "done", "held", "failed", "ignored"))
+    status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help="the router's --state-dir (default ./%(default)s)")
+    status.add_argument("--json", action="store_true",
+                        help="the JSON the router writes to status.json, with each series' full Orthanc ID")
+    status.add_argument("--status", choices=("queued", "running", "done", "held", "failed", "ignored"),
+                        help="only the series in this state (default: all)")
     retry = sub.add_parser("retry", help="queue a done/held/failed/ignored series again (attempts reset)")
-    retry.add_argument("orthanc_ids", nargs="+", metavar="ORTHANC_SERIES_ID")
-    retry.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    retry.add_argument("orthanc_ids", nargs="+", metavar="ORTHANC_SERIES_ID",
+                       help="Orthanc's full series ID (five groups of 8 hex digits; `status` shows the first 8 "
+                            "in brackets, `status --json` the whole ID as orthanc_id)")
+    retry.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                       help="the router's --state-dir (default ./%(default)s)")
     stack = sub.add_parser("stack", help="Triton + Orthanc + router on loopback; Ctrl-C stops all")
     _router_flags(stack, stack=True)
     stack.add_argument("--model-repository", type=Path, help="default: the project's model_repository/")
     stack.add_argument("-u", "--url", metavar="HOST:PORT", help="use this running Triton instead of starting one")
-    stack.add_argument("--dicom-port", type=int, default=4242)
-    stack.add_argument("--http-port", type=int, default=8042)
+    stack.add_argument("--dicom-port", type=int, default=4242,
+                       help="Orthanc's DICOM (C-STORE) port (default %(default)s)")
+    stack.add_argument("--http-port", type=int, default=8042,
+                       help="Orthanc's REST, DICOMweb and viewer port (default %(default)s)")
     stack.add_argument("--aet", default="WHOLEBODY", help="Orthanc's AE title (default %(default)s)")
     stack.add_argument("--sender-aet", default="STORESCU", help="AE title allowed to C-STORE from loopback")
     stack.add_argument("--stable-age", type=int, default=10, help="Orthanc's StableAge, s (default %(default)s)")
@@ -149,11 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(", ".join(f"{n} {s}" for s, n in store.counts().items()))
             return 0
         if args.command == "retry":
+            if not (args.state_dir / "router.sqlite").exists():
+                log.error("%s: no router state here; pass the router's --state-dir", args.state_dir)
+                return 2
             with StateStore(args.state_dir / "router.sqlite") as store:
                 missing = [i for i in args.orthanc_ids if not store.requeue(i)]
             for i in missing:
-                log.error("%s: not a done/held/failed/ignored series in %s; see `python -m router status`", i,
-                          args.state_dir)
+                log.error("%s: not a done/held/failed/ignored series in %s; give Orthanc's full series ID "
+                          "(orthanc_id in `python -m router status --json`)", i, args.state_dir)
             return 1 if missing else 0
         if args.command == "run":
             signal.signal(signal.SIGTERM, _interrupt)  # systemd / Kubernetes stop: as Ctrl-C

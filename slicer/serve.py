@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-u", "--url", default="localhost:8001", help="Triton gRPC endpoint (default: localhost:8001)")
     parser.add_argument("-i", "--host", default="127.0.0.1",
                         help="address to listen on (default: loopback; another one needs a token)")
-    parser.add_argument("-p", "--port", type=int, default=8000, help="port (default: 8000, MONAI Label's)")
+    parser.add_argument("-p", "--port", type=int, default=8000,
+                        help="port (default: 8000, MONAI Label's; also Triton's HTTP port under `make serve`: "
+                             "choose another, e.g. 8010, there)")
     parser.add_argument("--token-file", type=Path, default=None,
                         help=f"file holding the bearer token (default: ${protocol.TOKEN_ENV})")
     parser.add_argument("--work-dir", type=Path, default=None,
