@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from router.rules import SeriesFacts
 from wholebody.triton_server.ports import free_port
@@ -193,6 +195,12 @@ class OrthancClient:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.session = requests.Session()
+        # an idle keep-alive connection that Orthanc closed just as the next poll reuses it ("Connection aborted",
+        # RemoteDisconnected) is tried once more on a fresh connection; only idempotent methods (urllib3's default
+        # allowed_methods leave POST out), so a store or a forward is never sent twice by the transport
+        retry = Retry(total=1, connect=1, read=1, status=0, backoff_factor=0, raise_on_status=False)
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry))
         if auth:
             self.session.auth = auth
 

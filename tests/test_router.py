@@ -23,7 +23,7 @@ import pydicom
 import pytest
 
 from clinical.quality import CHECKS
-from router.orthanc import Modality, OrthancClient, OrthancNode, free_port
+from router.orthanc import Modality, OrthancClient, OrthancError, OrthancNode, free_port
 from router.rules import Rules, RulesError, SeriesFacts, decide, load_rules, rules_from_mapping, tilt_deg
 from router.service import is_permanent, status_table
 from router.state import NewSeries, StateStore, backoff_s
@@ -550,3 +550,46 @@ def test_results_hold_a_result_whose_sides_are_swapped(tmp_path: Path, swapped: 
         assert made.hold is None, made.quality.to_dict()
     structures, scan = read_measurement_report(made.files[1])
     assert set(structures) == {"kidney_right", "kidney_left"} and scan["held"] is swapped
+
+
+def test_a_read_on_a_connection_orthanc_dropped_is_tried_once_more() -> None:
+    """An idle keep-alive connection closed by the server as the next changes-feed poll reuses it is not an
+    error (seen as false 'is Orthanc running there?' ERRORs of an idle stack); a POST is never resent."""
+    import http.server
+    import threading
+
+    calls = {"GET": 0, "POST": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _drop_first(self, method: str) -> bool:
+            calls[method] += 1
+            if calls[method] == 1:
+                self.connection.close()  # no response at all: "Connection aborted"
+                return True
+            return False
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if not self._drop_first("GET"):
+                body = b'{"Changes": [], "Last": 5, "Done": true}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._drop_first("POST")
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = OrthancClient(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=10)
+        assert client.changes(0) == ([], 5, True) and calls["GET"] == 2
+        with pytest.raises(OrthancError, match="is Orthanc running there"):
+            client._call("POST", "/instances", data=b"x")
+        assert calls["POST"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
