@@ -101,7 +101,7 @@ class MergeReport:
         for name, why in sorted(self.left_out.items()):
             reasons.setdefault(why, []).append(name)
         for why, left in reasons.items():
-            out.append(f"  {len(left)} masks left out ({why}): {', '.join(left)}")
+            out.append(f"  {len(left)} mask{'' if len(left) == 1 else 's'} left out ({why}): {', '.join(left)}")
         if self.overlaps:
             total = sum(self.overlaps.values())
             out.append(f"  {len(self.overlaps)} overlapping pairs, {total} voxels, resolved by rule '{self.rule}'"
