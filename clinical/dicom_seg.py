@@ -59,6 +59,18 @@ class SegmentInfo:
     modifier: st.Code | None
 
 
+def series_and_instance_uids(uid_seed: str | None, kind: str = "") -> tuple[hd.UID, hd.UID]:
+    """(Series Instance UID, SOP Instance UID) of a result: fresh ones for `uid_seed` None, else derived from
+    the seed with pydicom's `generate_uid(entropy_srcs=...)`, so the same result made again (a redo after a
+    crash) gets the same UIDs and a PACS stores it once. `kind` ("" for the SEG, "sr", "rtstruct") keeps the
+    UIDs of a result's different objects apart."""
+    if uid_seed is None:
+        return hd.UID(), hd.UID()
+    prefix = f"{kind}-" if kind else ""
+    return (hd.UID(generate_uid(entropy_srcs=[uid_seed, f"{prefix}series"])),
+            hd.UID(generate_uid(entropy_srcs=[uid_seed, f"{prefix}instance"])))
+
+
 def _concept(code: st.Code) -> CodedConcept:
     return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
@@ -130,11 +142,7 @@ def write_dicom_seg(
         frames = lut[frames]
     if not present:
         raise DicomSegError(f"{path}: the label map is empty (no structure found); a DICOM-SEG needs one segment")
-    if uid_seed is None:
-        series_uid, sop_uid = hd.UID(), hd.UID()
-    else:
-        series_uid = hd.UID(generate_uid(entropy_srcs=[uid_seed, "series"]))
-        sop_uid = hd.UID(generate_uid(entropy_srcs=[uid_seed, "instance"]))
+    series_uid, sop_uid = series_and_instance_uids(uid_seed)
     seg = hd.seg.Segmentation(
         source_images=source, pixel_array=frames, segmentation_type=seg_type,
         segment_descriptions=segment_descriptions(present, numbers, algorithm_version),

@@ -32,12 +32,12 @@ import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
 from scipy import ndimage
 from skimage import measure
 
 from clinical import structures as st
-from clinical.dicom_seg import ALGORITHM_NAME, BUNDLE_VERSION, MANUFACTURER
+from clinical.dicom_seg import ALGORITHM_NAME, BUNDLE_VERSION, MANUFACTURER, series_and_instance_uids
 from wholebody.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -157,11 +157,7 @@ def write_rtstruct(
         known = min(len(names), len(colors))
         raise RtStructError(f"{path}: label {present[-1]} has no name or colour (0..{known - 1}); give names and colors")
 
-    if uid_seed is None:
-        series_uid, sop_uid = generate_uid(), generate_uid()
-    else:
-        series_uid = generate_uid(entropy_srcs=[uid_seed, "rtstruct-series"])
-        sop_uid = generate_uid(entropy_srcs=[uid_seed, "rtstruct-instance"])
+    series_uid, sop_uid = series_and_instance_uids(uid_seed, "rtstruct")
     frame_uid = str(first.FrameOfReferenceUID)
     now = datetime.datetime.now()
 

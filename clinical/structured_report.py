@@ -38,10 +38,9 @@ from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from clinical import structures as st
-from clinical.dicom_seg import ALGORITHM_NAME, BUNDLE_VERSION, MANUFACTURER
+from clinical.dicom_seg import ALGORITHM_NAME, BUNDLE_VERSION, MANUFACTURER, series_and_instance_uids
 from clinical.quality import CHECKS, QualityReport
 from clinical.statistics import StructureStatistics, structure_statistics
 from wholebody.atomic import atomic_write
@@ -176,11 +175,7 @@ def make_measurement_report(
     report = hd.sr.MeasurementReport(observation_context=observer,
                                      procedure_reported=codes.cid100.CTUnspecifiedBodyRegion,
                                      imaging_measurements=groups)
-    if uid_seed is None:
-        series_uid, sop_uid = hd.UID(), hd.UID()
-    else:
-        series_uid = hd.UID(generate_uid(entropy_srcs=[uid_seed, "sr-series"]))
-        sop_uid = hd.UID(generate_uid(entropy_srcs=[uid_seed, "sr-instance"]))
+    series_uid, sop_uid = series_and_instance_uids(uid_seed, "sr")
     sr = hd.sr.Comprehensive3DSR(
         evidence=[seg], content=report[0], series_instance_uid=series_uid, series_number=series_number,
         sop_instance_uid=sop_uid, instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
