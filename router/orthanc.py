@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -35,6 +33,7 @@ from urllib3.util.retry import Retry
 
 from router.rules import SeriesFacts
 from wholebody.triton_server.ports import free_port
+from wholebody.triton_server.processes import stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +162,8 @@ class OrthancNode:
 
     def stop(self) -> None:
         """SIGTERM Orthanc's process group, SIGKILL after 20 s."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_process_group(self.process)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -8,9 +8,7 @@ no DICOM (DIMSE) port. Stopped, with its process group, and its storage removed 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -20,6 +18,7 @@ import requests
 
 from router.orthanc import merge_config
 from wholebody.triton_server.ports import free_port
+from wholebody.triton_server.processes import stop_process_group
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -80,13 +79,8 @@ class LocalOrthanc:
         return (self.workdir / "orthanc.log").read_text(errors="replace")[-2000:]
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_process_group(self.process)
         if getattr(self, "log", None) is not None:
             self.log.close()
         if self.workdir is not None:

@@ -36,6 +36,7 @@ from typing import Any
 import requests
 
 from wholebody.atomic import atomic_write
+from wholebody.triton_server.processes import stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,8 @@ class HeadlessChromium:
             except OSError:
                 pass
             self._ws = None
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_process_group(self.process)
         if self.process is not None:
             try:  # children that outlived the main process (renderer, GPU process) share its group
                 os.killpg(self.process.pid, signal.SIGKILL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 
@@ -48,3 +49,16 @@ _PR_SET_PDEATHSIG = 1
 def die_with_parent() -> None:
     """In the child before exec: SIGTERM it when the launcher dies (even by SIGKILL)."""
     _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM the process group led by `process` (started with start_new_session=True), SIGKILL it after
+    `grace_s` seconds, and reap `process`. Nothing to do when it has exited already."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
