@@ -237,11 +237,13 @@ class LocalTritonServer:
         ("Server is stopping, scheduler for model has stopped accepting new inference requests").
         So, with the operator key, before any signal:
 
-        - a model that cannot load (`DRAIN_SENTINEL`, an unknown backend) is loaded: with strict
-          readiness a model that failed to load makes `/v2/health/ready` answer 503 (Kubernetes takes
-          the pod out of its endpoints); an unloaded model would not;
         - every READY ensemble is unloaded: new scans are refused (NOT_FOUND), while a scan in flight
           holds its ensemble and runs to its end through the stages, which stay loaded;
+        - then a model that cannot load (`DRAIN_SENTINEL`, an unknown backend) is loaded: with strict
+          readiness a model that failed to load makes `/v2/health/ready` answer 503 (Kubernetes takes
+          the pod out of its endpoints); an unloaded model would not. In this order a server that
+          answers not ready refuses every new scan (the other order left a window, measured on a busy
+          2-core machine, in which a not-ready server still accepted one);
         - the ensembles' states are polled until none is UNLOADING (the last scan has answered).
 
         The watchdog stops once readiness is false. Direct requests to a stage are not tracked: Triton's
@@ -256,13 +258,6 @@ class LocalTritonServer:
         deadline = time.monotonic() + timeout_s
         headers = operator_headers(self.operator_key)
         with grpcclient.InferenceServerClient(self.grpc_url) as client:
-            try:
-                client.load_model(DRAIN_SENTINEL, config=json.dumps({"backend": DRAIN_SENTINEL}), headers=headers,
-                                  files={"file:1/draining": b""})
-            except InferenceServerException as exc:  # fails by design: the failure turns readiness false
-                log.debug("drain: %s failed to load, as intended: %s", DRAIN_SENTINEL, exc.message())
-            if client.is_server_ready():
-                log.warning("drain: the server still reports ready (not started with strict readiness?)")
             if self._watchdog is not None:  # its reloads must not race the unloads
                 self._watchdog.stop()
                 self._watchdog = None
@@ -274,6 +269,13 @@ class LocalTritonServer:
                     ensembles.append(model["name"])
             for name in ensembles:
                 client.unload_model(name, headers=headers)
+            try:
+                client.load_model(DRAIN_SENTINEL, config=json.dumps({"backend": DRAIN_SENTINEL}), headers=headers,
+                                  files={"file:1/draining": b""})
+            except InferenceServerException as exc:  # fails by design: the failure turns readiness false
+                log.debug("drain: %s failed to load, as intended: %s", DRAIN_SENTINEL, exc.message())
+            if client.is_server_ready():
+                log.warning("drain: the server still reports ready (not started with strict readiness?)")
             log.info("drain: not ready; %s take no new requests; waiting up to %.0f s for those in flight",
                      ", ".join(ensembles) or "no ensemble", timeout_s)
             while True:
