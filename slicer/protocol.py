@@ -64,7 +64,8 @@ def roi_subset(params: Mapping[str, object]) -> list[int] | None:
     """Label values of the structures named in `params[SUBSET_PARAM]` (a list of names or one comma-separated
     string, case-insensitive); None when absent or empty (all structures).
 
-    Raises RequestError(400) for another type or unknown names (naming the closest valid ones)."""
+    Raises RequestError(400) for another type, unknown names (naming the closest valid ones), or a value
+    that names nothing (',')."""
     value = params.get(SUBSET_PARAM)
     if value is None or value == "" or value == []:
         return None
@@ -75,6 +76,9 @@ def roi_subset(params: Mapping[str, object]) -> list[int] | None:
     else:
         raise RequestError(400, f"params {SUBSET_PARAM!r} must be a list of structure names or a comma-separated "
                                 f"string, got {type(value).__name__}")
+    if not names:  # "," or [" "]: a subset was asked for but names nothing; all 104 would not be what was meant
+        raise RequestError(400, f"params {SUBSET_PARAM!r} names no structure ({value!r}); give names such as "
+                                "'liver,spleen', or leave it out for all structures")
     try:
         return structure_labels(names, structures.label_names())
     except ValueError as exc:

@@ -45,7 +45,8 @@ def test_roi_subset_parses_lists_and_strings() -> None:
     assert protocol.roi_subset({"roi_subset": "spleen, liver"}) == sorted([liver, spleen])
 
 
-@pytest.mark.parametrize("value, words", [(["livr"], "closest: liver"), (3, "must be a list"), (["liver", 2], "list")])
+@pytest.mark.parametrize("value, words", [(["livr"], "closest: liver"), (3, "must be a list"), (["liver", 2], "list"),
+                                          (",", "names no structure"), ([" ", ","], "names no structure")])
 def test_roi_subset_refuses_with_400(value: object, words: str) -> None:
     with pytest.raises(protocol.RequestError, match=words) as caught:
         protocol.roi_subset({"roi_subset": value})
