@@ -157,8 +157,11 @@ def structure_labels(requested: Sequence[str], names: Sequence[str]) -> list[int
         names: structure names indexed by label value (entry 0 = background, not selectable).
 
     Raises:
-        ValueError: some names are unknown; the message lists, for each, the closest valid names.
+        ValueError: `requested` names nothing (empty or blank: a subset that would silently keep no
+            structure), or some names are unknown; the message lists, for each, the closest valid names.
     """
+    if not any(name.strip() for name in requested):
+        raise ValueError("names no structure; give names such as liver,spleen, or leave it out for all structures")
     index = {name.strip().lower(): label for label, name in enumerate(names) if label > 0}
     unknown = [name for name in requested if name.strip().lower() not in index]
     if unknown:

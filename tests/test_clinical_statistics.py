@@ -88,3 +88,10 @@ def test_voxel_counts_equal_bincount_in_bounded_slabs() -> None:
         assert np.array_equal(voxel_counts(labels, slab_voxels=500), np.bincount(labels.ravel(), minlength=256))
     with pytest.raises(ValueError, match="must be uint8"):
         voxel_counts(np.zeros((2, 2, 2), np.int32))
+
+
+@pytest.mark.parametrize("requested", [[], [""], [" ", ""]])
+def test_a_subset_naming_nothing_is_refused(requested: list[str]) -> None:
+    """`--roi-subset ,` or Slicer's roi_subset "," would otherwise keep no structure: an empty map, silently."""
+    with pytest.raises(ValueError, match="names no structure"):
+        structure_labels(requested, NAMES)
