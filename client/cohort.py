@@ -181,8 +181,18 @@ class CohortSummary:
         partly = f" ({self.incomplete} without all outputs)" if self.incomplete else ""
         return (
             f"{done} done{partly}, {self.count('skipped')} skipped, {self.count('failed')} failed in "
-            f"{self.wall_seconds:.1f} s: {per_scan}"
+            f"{self.wall_seconds:.1f} s: {per_scan}{self.quality_line()}"
         )
+
+    def quality_line(self) -> str:
+        """'; quality checks of N: H held back, M marked' over the N scans with a verdict (`Record.quality`), '' when
+        no scan has one: a held result must be visible in the closing line, not only in its _quality.json."""
+        verdicts = [r.quality for r in self.records if r.quality is not None and r.status in ("done", "skipped")]
+        if not verdicts:
+            return ""
+        held = sum(bool(q.get("held")) for q in verdicts)
+        marked = sum(bool(q.get("marked")) and not q.get("held") for q in verdicts)
+        return f"; quality checks of {len(verdicts)}: {held} held back, {marked} marked"
 
 
 class CohortLocked(RuntimeError):

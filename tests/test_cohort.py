@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from client.cohort import MANIFEST_NAME, CohortOptions, read_manifest, run_cohort
+from client.cohort import MANIFEST_NAME, CohortOptions, CohortSummary, Record, read_manifest, run_cohort
 from client.inputs import NiftiFormat, ScanError, Volume, discover, native_array
 from client.outputs import NiftiLabelMapWriter, OutputError, check_output_dir, plan_outputs
 from client.segmentation_client import SegmentationError, ServerLimits
@@ -352,3 +352,17 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_request(cohort: P
     with pytest.raises(OutputError, match=r"s0001/ct_seg.nii.gz cannot be written: .*/out/s0001 is a file, not a "
                                           "folder"):
         plan_outputs(scans, tmp_path / "out", WRITERS, "_seg")
+
+
+def test_the_closing_line_counts_quality_verdicts() -> None:
+    """A held result shows in the closing line, not only in its _quality.json; no verdicts, no words."""
+    def record(status: str, quality: dict[str, object] | None) -> Record:
+        return Record(run="r", input=f"ct{id(quality)}.nii.gz", outputs=[], status=status, quality=quality)
+
+    plain = CohortSummary([record("done", None)], wall_seconds=10.0)
+    assert "quality" not in plain.line()
+    checked = CohortSummary([record("done", {"held": True, "marked": []}),
+                             record("done", {"held": False, "marked": ["laterality"]}),
+                             record("skipped", {"held": False, "marked": []}),
+                             record("failed", None)], wall_seconds=10.0)
+    assert checked.line().endswith("; quality checks of 3: 1 held back, 1 marked")

@@ -173,6 +173,7 @@ def test_client_refuses_sr_without_dicom_and_a_bad_policy(tmp_path: Path, capsys
 
 def test_client_quality_checks_and_sr_end_to_end(
     server: LocalTritonServer, series: DicomSeries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Two runs pulling the study from a real Orthanc: with the default hu_range=hold a CT with metal above
     3071 HU is held back (nothing stored); with every check on report its SEG and SR are stored."""
@@ -191,6 +192,7 @@ def test_client_quality_checks_and_sr_end_to_end(
                 "-u", server.grpc_url, "--resolution", "lowres", "-q"]
         assert client_main([*pacs, "-o", str(tmp_path / "held"), "--quality-policy",
                             "incomplete=report,laterality=mark"]) == 0
+        assert "; quality checks of 1: 1 held back, 0 marked" in capsys.readouterr().out
         base = tmp_path / "held" / STUDY / uid / "series1"
         quality = json.loads(Path(f"{base}_quality.json").read_text())
         record, = read_manifest(tmp_path / "held" / MANIFEST_NAME)
