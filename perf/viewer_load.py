@@ -30,7 +30,7 @@ from clinical.dicom_seg import ENCODINGS, write_dicom_seg
 from clinical.dicom_series import read_ct_series, write_ct_series
 from clinical.dicomweb import store
 from perf.run import machine_info
-from tests.orthanc import LocalOrthanc
+from tests.orthanc import local_orthanc
 from viewer import ohif
 from wholebody.sample_data import real_ct, real_label_map
 from wholebody.triton_server.install import DEFAULT_CACHE
@@ -46,7 +46,7 @@ def run_once(encoding: str, folder: Path, dist: Path) -> dict[str, float]:
     seg = write_dicom_seg(labels, series.datasets, folder / f"{encoding}.dcm", encoding=encoding)
     times: dict[str, float] = {}
     start = time.perf_counter()
-    with LocalOrthanc(extra_config=ohif.orthanc_settings(dist), start_timeout_s=120) as pacs:
+    with local_orthanc(extra_config=ohif.orthanc_settings(dist), start_timeout_s=120) as pacs:
         times["orthanc"] = time.perf_counter() - start
         start = time.perf_counter()
         store(pacs.dicomweb, sorted((folder / "ct").glob("*.dcm")) + [seg])

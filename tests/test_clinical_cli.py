@@ -35,7 +35,7 @@ from clinical.dicomweb import find_series, pull_series
 from clinical.seg_encodings import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
 from clinical.seg_nrrd import read_seg_nrrd, terminology_entry
 from clinical.statistics import structure_statistics
-from tests.orthanc import LocalOrthanc
+from tests.orthanc import local_orthanc
 from wholebody.sample_data import real_ct, real_ct_dicom
 from wholebody.triton_server import LocalTritonServer
 from wholebody.health import answered_requests
@@ -205,13 +205,13 @@ def test_refusals_before_any_request(
 
 
 @pytest.fixture(scope="module")
-def orthanc() -> Iterator[LocalOrthanc]:
-    with LocalOrthanc() as pacs:
+def orthanc() -> Iterator[local_orthanc]:
+    with local_orthanc() as pacs:
         yield pacs
 
 
 def test_pacs_round_trip_from_the_cli(
-    server: LocalTritonServer, orthanc: LocalOrthanc, slabs: dict[str, nib.Nifti1Image],
+    server: LocalTritonServer, orthanc: local_orthanc, slabs: dict[str, nib.Nifti1Image],
     nifti_route: dict[str, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     series_uid = "1.2.826.0.1.3680043.8.498.41"

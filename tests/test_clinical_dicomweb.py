@@ -17,17 +17,17 @@ import requests
 from clinical.dicom_seg import read_dicom_seg, write_dicom_seg
 from clinical.dicom_series import read_ct_series, write_ct_series
 from clinical.dicomweb import DicomWebError, find_series, pull_series, pulled_study, store
-from tests.orthanc import LocalOrthanc
+from tests.orthanc import local_orthanc
 from wholebody.sample_data import real_ct
 
 
 @pytest.fixture(scope="module")
-def orthanc() -> Iterator[LocalOrthanc]:
-    with LocalOrthanc() as pacs:
+def orthanc() -> Iterator[local_orthanc]:
+    with local_orthanc() as pacs:
         yield pacs
 
 
-def test_pacs_round_trip(orthanc: LocalOrthanc, tmp_path: Path) -> None:
+def test_pacs_round_trip(orthanc: local_orthanc, tmp_path: Path) -> None:
     img = nib.load(real_ct("example_ct"))
     hu = np.asanyarray(img.dataobj)[:, :, 30:70]
     files = write_ct_series(hu, img.affine, tmp_path / "upload", study_uid="1.2.826.0.1.3680043.8.498.1",
@@ -65,7 +65,7 @@ def test_pacs_round_trip(orthanc: LocalOrthanc, tmp_path: Path) -> None:
     assert referenced == "1.2.826.0.1.3680043.8.498.2"
 
 
-def test_pacs_errors_name_the_server_and_the_fix(orthanc: LocalOrthanc, tmp_path: Path) -> None:
+def test_pacs_errors_name_the_server_and_the_fix(orthanc: local_orthanc, tmp_path: Path) -> None:
     with pytest.raises(DicomWebError, match="has no CT series"), pulled_study(orthanc.dicomweb, "1.2.3.999"):
         pass
     with pytest.raises(DicomWebError, match=r"127\.0\.0\.1:1/dicom-web: QIDO-RS .* failed"):

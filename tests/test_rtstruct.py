@@ -27,7 +27,7 @@ from clinical.dicom_series import DicomSeries, read_ct_series, write_ct_series
 from clinical.dicomweb import find_series
 from clinical.rtstruct import CONTOURS, RtStructError, write_rtstruct
 from tests import seg_readers as readers
-from tests.orthanc import LocalOrthanc
+from tests.orthanc import local_orthanc
 from wholebody.sample_data import real_ct
 from wholebody.triton_server import LocalTritonServer
 
@@ -210,7 +210,7 @@ def test_client_rtstruct_end_to_end(server: LocalTritonServer, tmp_path: Path, m
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the pulled study goes
-    with LocalOrthanc() as orthanc:
+    with local_orthanc() as orthanc:
         for f in sorted((study / "s1").iterdir()):  # uploaded with Orthanc's own REST API
             requests.post(f"{orthanc.url}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
         command = ["--dicomweb", orthanc.dicomweb, "--study", STUDY, "--store-seg", "--rtstruct",

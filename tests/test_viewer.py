@@ -30,7 +30,7 @@ from clinical.dicom_seg import write_dicom_seg
 from clinical.dicom_series import DicomSeries, read_ct_series, write_ct_series
 from clinical.dicomweb import store
 from router.orthanc import merge_config
-from tests.orthanc import LocalOrthanc
+from tests.orthanc import local_orthanc
 from viewer import __main__ as cli
 from viewer import ohif
 from viewer.chromium import BrowserError, chromium_path
@@ -158,10 +158,10 @@ def label_map(series: DicomSeries) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def pacs(dist: Path) -> Iterator[LocalOrthanc]:
+def pacs(dist: Path) -> Iterator[local_orthanc]:
     try:
         chromium_path()
-        with LocalOrthanc(extra_config=ohif.orthanc_settings(dist), start_timeout_s=120) as orthanc:
+        with local_orthanc(extra_config=ohif.orthanc_settings(dist), start_timeout_s=120) as orthanc:
             yield orthanc
     except (BrowserError, ohif.ViewerError, RuntimeError) as exc:
         if "is missing" in str(exc) or "not installed" in str(exc):
@@ -169,7 +169,7 @@ def pacs(dist: Path) -> Iterator[LocalOrthanc]:
         raise
 
 
-def test_orthanc_serves_the_viewer_beside_dicomweb(pacs: LocalOrthanc, dist: Path) -> None:
+def test_orthanc_serves_the_viewer_beside_dicomweb(pacs: local_orthanc, dist: Path) -> None:
     page = requests.get(ohif.study_url(pacs.url, "1.2.3"), timeout=30)
     assert page.ok and page.headers["Content-Type"].startswith("text/html")
     assert 'window.PUBLIC_URL="/viewer/"' in page.text
@@ -186,7 +186,7 @@ def test_orthanc_serves_the_viewer_beside_dicomweb(pacs: LocalOrthanc, dist: Pat
 # black): cornerstone3D's bug fixed in its PR #2882, after the @cornerstonejs/adapters 5.6.8 OHIF 3.13.2
 # bundles. A BINARY SEG's colours are its own. Asserted so that a fixed OHIF shows up (docs/viewer.md).
 @pytest.mark.parametrize("encoding", ["labelmap-rle", "binary"])
-def test_chromium_shows_the_segmentation_over_the_ct(pacs: LocalOrthanc, ct_folder: Path, series: DicomSeries,
+def test_chromium_shows_the_segmentation_over_the_ct(pacs: local_orthanc, ct_folder: Path, series: DicomSeries,
                                                      label_map: np.ndarray, encoding: str,
                                                      tmp_path: Path) -> None:
     seg = write_dicom_seg(label_map, series.datasets, tmp_path / f"{encoding}.dcm", encoding=encoding,
@@ -214,7 +214,7 @@ def test_chromium_shows_the_segmentation_over_the_ct(pacs: LocalOrthanc, ct_fold
         shutil.copy2(screenshot, Path(os.environ["WHOLEBODY_VIEWER_SCREENSHOT_DIR"]) / screenshot.name)
 
 
-def test_cli_prints_the_study_url(pacs: LocalOrthanc, series: DicomSeries, ct_folder: Path,
+def test_cli_prints_the_study_url(pacs: local_orthanc, series: DicomSeries, ct_folder: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     store(pacs.dicomweb, sorted(ct_folder.glob("*.dcm")))
     assert cli.main(["--orthanc", pacs.url, "--study", series.study_uid]) == 0
