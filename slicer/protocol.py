@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -141,6 +142,21 @@ def inside(path: str | Path, roots: Sequence[str | Path]) -> bool:
 def upload_root() -> Path:
     """Where MONAI Label writes a file sent with POST /infer (tempfile.NamedTemporaryFile in its endpoint)."""
     return Path(tempfile.gettempdir())
+
+
+def check_private_upload_root(root: Path | None = None) -> None:
+    """Refuse to serve when the upload folder (`upload_root()`) is writable by other users, as /tmp is.
+
+    An infer request may name an image in that folder (MONAI Label's own POST /infer uploads land there), so
+    a shared one would let a token holder segment any NIfTI another user left in /tmp. `python -m
+    slicer.serve` points TMPDIR at its private work folder; a `monailabel start_server` run by hand must too.
+
+    Raises RuntimeError (one line naming the fix) for a folder whose mode grants write to others."""
+    folder = root if root is not None else upload_root()
+    if folder.stat().st_mode & stat.S_IWOTH:
+        raise RuntimeError(f"{folder} (the temporary folder, where MONAI Label keeps uploads) is writable by every "
+                           "user, so an infer request could name a file another user left there: start the app "
+                           "with `python -m slicer.serve`, or set TMPDIR to a folder of its own")
 
 
 def authorized(header: str | None, token: str) -> bool:

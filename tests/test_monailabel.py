@@ -131,6 +131,17 @@ def test_inside(tmp_path: Path) -> None:
     assert not protocol.inside(tmp_path / "link", [tmp_path])
 
 
+def test_a_shared_upload_folder_is_refused(tmp_path: Path) -> None:
+    """MONAI Label's uploads land in the temporary folder; one every user can write (/tmp) is refused."""
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    shared.mkdir()
+    private.mkdir(mode=0o755)
+    shared.chmod(0o1777)
+    with pytest.raises(RuntimeError, match="writable by every user.*python -m slicer.serve"):
+        protocol.check_private_upload_root(shared)
+    protocol.check_private_upload_root(private)
+
+
 def test_read_header_refuses_non_nifti(tmp_path: Path) -> None:
     bad = tmp_path / "bad.nii.gz"
     bad.write_text("not a volume")

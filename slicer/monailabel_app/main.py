@@ -100,6 +100,7 @@ class WholebodyApp(MONAILabelApp):
     """The app MONAI Label's server loads from this folder's main.py."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        protocol.check_private_upload_root()
         self.triton_url = conf.get("triton_url", DEFAULT_TRITON_URL)
         self.timeout_s = float(conf.get("timeout_s", DEFAULT_TIMEOUT_S))
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="wholebody-ct-triton",
