@@ -71,7 +71,9 @@ def series_and_instance_uids(uid_seed: str | None, kind: str = "") -> tuple[hd.U
             hd.UID(generate_uid(entropy_srcs=[uid_seed, f"{prefix}instance"])))
 
 
-def _concept(code: st.Code) -> CodedConcept:
+def coded_concept(code: st.Code) -> CodedConcept:
+    """A `clinical.structures.Code` as highdicom's CodedConcept (a pydicom Dataset with CodeValue,
+    CodingSchemeDesignator and CodeMeaning), for the SEG, the SR and the RTSTRUCT alike."""
     return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
@@ -84,12 +86,12 @@ def segment_descriptions(labels: list[int], numbers: list[int], version: str) ->
         s = st.structures()[label]
         desc = hd.seg.SegmentDescription(
             segment_number=number, segment_label=s.name,
-            segmented_property_category=_concept(s.category), segmented_property_type=_concept(s.type),
+            segmented_property_category=coded_concept(s.category), segmented_property_type=coded_concept(s.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(*s.color))
         if s.modifier is not None:
             desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-                _concept(s.modifier)]
+                coded_concept(s.modifier)]
         out.append(desc)
     return out
 

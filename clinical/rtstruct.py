@@ -37,7 +37,7 @@ from scipy import ndimage
 from skimage import measure
 
 from clinical import structures as st
-from clinical.dicom_seg import ALGORITHM_NAME, BUNDLE_VERSION, MANUFACTURER, series_and_instance_uids
+from clinical.dicom_seg import ALGORITHM_NAME, BUNDLE_VERSION, MANUFACTURER, coded_concept, series_and_instance_uids
 from wholebody.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ def write_rtstruct(
     frame_ref.FrameOfReferenceUID, frame_ref.RTReferencedStudySequence = frame_uid, [study_ref]
     ds.ReferencedFrameOfReferenceSequence = [frame_ref]
 
+    bundle = st.structures()
     rois, contours, observations = [], [], []
     for number, label in enumerate(present, start=1):
         roi = Dataset()
@@ -214,6 +215,7 @@ def write_rtstruct(
         observation = Dataset()
         observation.ObservationNumber, observation.ReferencedROINumber = number, number
         observation.RTROIInterpretedType, observation.ROIInterpreter = "ORGAN", ""
+        _identify(observation, bundle[label] if label < len(bundle) and bundle[label].name == names[label] else None)
         observations.append(observation)
     ds.StructureSetROISequence, ds.ROIContourSequence = rois, contours
     ds.RTROIObservationsSequence = observations
@@ -223,6 +225,21 @@ def write_rtstruct(
     atomic_write(path, lambda stream: ds.save_as(stream, enforce_file_format=True))
     log.debug("%s: %d ROIs, %d contours", path, len(rois), sum(len(c.ContourSequence) for c in contours))
     return path
+
+
+def _identify(observation: Dataset, structure: st.Structure | None) -> None:
+    """Code the ROI as the SEG codes its segment (PS3.3 C.8.8.8 RT ROI Observations Module, Type 3): the
+    Segmented Property Category Code Sequence, and the RT ROI Identification Code Sequence (one item) holding the
+    structure's SNOMED CT type with its laterality as a Segmented Property Type Modifier Code Sequence. Codes from
+    `clinical/structures.json` (TotalSegmentator's SNOMED mapping); nothing for a renamed or uncoded ROI, so a
+    name never carries another structure's code."""
+    if structure is None or structure.type is None or structure.category is None:
+        return
+    identification = coded_concept(structure.type)
+    if structure.modifier is not None:
+        identification.SegmentedPropertyTypeModifierCodeSequence = [coded_concept(structure.modifier)]
+    observation.RTROIIdentificationCodeSequence = [identification]
+    observation.SegmentedPropertyCategoryCodeSequence = [coded_concept(structure.category)]
 
 
 def _contours(label_map: np.ndarray, label: int, box: tuple[slice, slice, slice],

@@ -40,7 +40,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from clinical import structures as st
-from clinical.dicom_seg import ALGORITHM_NAME, BUNDLE_VERSION, MANUFACTURER, series_and_instance_uids
+from clinical.dicom_seg import ALGORITHM_NAME, BUNDLE_VERSION, MANUFACTURER, coded_concept, series_and_instance_uids
 from clinical.quality import CHECKS, QualityReport
 from clinical.statistics import StructureStatistics, structure_statistics
 from wholebody.atomic import atomic_write
@@ -74,10 +74,6 @@ class StructuredReportError(ValueError):
 def qc_code(check: str) -> CodedConcept:
     """The private concept of a quality check (a name of clinical.quality.CHECKS, or "held")."""
     return CodedConcept(check, QC_SCHEME, QC_MEANINGS[check])
-
-
-def _concept(code: st.Code) -> CodedConcept:
-    return CodedConcept(code.value, code.scheme, code.meaning)
 
 
 def _yes_no(failed: bool) -> Code:
@@ -151,14 +147,14 @@ def make_measurement_report(
             if check.check == "laterality":
                 side = codes.SCT.Left if check.values["observed_side"] == "left" else codes.SCT.Right
                 evaluations.append(hd.sr.QualitativeEvaluation(codes.SCT.Laterality, side))
-        site = hd.sr.FindingSite(anatomic_location=_concept(structure.type),
-                                 laterality=None if structure.modifier is None else _concept(structure.modifier))
+        site = hd.sr.FindingSite(anatomic_location=coded_concept(structure.type),
+                                 laterality=None if structure.modifier is None else coded_concept(structure.modifier))
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=row.name),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
                 segment_number=numbers[row.name], source_series=ct_series),
-            finding_type=_concept(structure.type), finding_category=_concept(structure.category),
+            finding_type=coded_concept(structure.type), finding_category=coded_concept(structure.category),
             finding_sites=[site], algorithm_id=algorithm, measurements=measurements,
             qualitative_evaluations=evaluations or None))
     if quality is not None:

@@ -147,6 +147,21 @@ def test_rtstruct_conforms_reads_back_and_keeps_orientation(tmp_path: Path, geom
     colours = {r.ReferencedROINumber: tuple(r.ROIDisplayColor) for r in ds.ROIContourSequence}
     for roi in ds.StructureSetROISequence:
         assert colours[roi.ROINumber] == st.by_name(roi.ROIName).color
+    # each ROI coded as its SEG segment: SNOMED CT type (+ laterality) and category from structures.json
+    names = {roi.ROINumber: roi.ROIName for roi in ds.StructureSetROISequence}
+    for observation in ds.RTROIObservationsSequence:
+        structure = st.by_name(names[observation.ReferencedROINumber])
+        (code,) = observation.RTROIIdentificationCodeSequence
+        assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == (
+            structure.type.value, structure.type.scheme, structure.type.meaning)
+        modifiers = [(m.CodeValue, m.CodeMeaning) for m in code.get("SegmentedPropertyTypeModifierCodeSequence", [])]
+        assert modifiers == ([] if structure.modifier is None else [(structure.modifier.value,
+                                                                    structure.modifier.meaning)])
+        (category,) = observation.SegmentedPropertyCategoryCodeSequence
+        assert category.CodeValue == structure.category.value
+    assert names[next(o.ReferencedROINumber for o in ds.RTROIObservationsSequence
+                      if o.RTROIIdentificationCodeSequence[0].get("SegmentedPropertyTypeModifierCodeSequence"))] == \
+        "kidney_left"
     for value in present:  # outlines half-way between pixel centres: every voxel comes back, no other
         name = st.label_names()[value]
         assert dice(masks[name], labels == value) >= 0.9, name
