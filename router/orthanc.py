@@ -51,6 +51,10 @@ STATUS_METADATA_INDEX = 4242  # user metadata indices are 1024..65535
 # Orthanc answers with HttpThreadsCount threads (8 in OrthancNode's config, 50 by default)
 DOWNLOAD_WORKERS = 4
 DOWNLOAD_ATTEMPTS = 3  # tries of one instance's GET (connection errors, timeouts, HTTP 5xx)
+# requests asks for gzip/deflate by default and Orthanc (HttpCompressionEnabled, true by default) then deflates
+# each file on the fly: 28 ms per 0.5 MB CT slice against 1.3 ms uncompressed on loopback (measured on the
+# 2-core box, a 512x512 slice, one session); the instances are fetched as they are stored
+NO_HTTP_COMPRESSION = {"Accept-Encoding": "identity"}
 
 
 class OrthancError(RuntimeError):
@@ -278,13 +282,14 @@ class OrthancClient:
     def download_instances(self, series_id: str, folder: Path, workers: int = DOWNLOAD_WORKERS,
                            attempts: int = DOWNLOAD_ATTEMPTS) -> list[Path]:
         """Every instance of a series as its own DICOM file in `folder` (`<instance ID>.dcm`), fetched in
-        parallel (`/instances/{id}/file`, no compression) by `workers` threads, each with its own
-        requests.Session. Each file is written atomically (wholebody.atomic): `folder` never holds half a file.
+        parallel (`/instances/{id}/file`, without HTTP compression: `NO_HTTP_COMPRESSION`) by `workers`
+        threads, each with its own requests.Session. Each file is written atomically (wholebody.atomic): `folder` never holds half a file.
 
         A fetch that fails with a connection error, a timeout or an HTTP 5xx is tried again (a GET changes
         nothing) up to `attempts` times in all; then, or at once on another HTTP error (a 404: the instance
         was deleted meanwhile), the first error is raised and the fetches not yet begun are cancelled.
-        Returns the files, one per instance of the series' list (their number is checked against it).
+        Returns the files, one per instance of the series' list (their number is checked against it). On a
+        failure the complete files already written stay in `folder` (the router's worker removes its folder).
 
         Raises OrthancError naming the instance and what to check; ValueError for workers or attempts < 1.
         """
@@ -310,7 +315,8 @@ class OrthancClient:
             target = folder / f"{instance_id}.dcm"
             for attempt in range(1, attempts + 1):
                 try:
-                    response = session().get(url, stream=True, timeout=self.timeout_s)
+                    response = session().get(url, stream=True, timeout=self.timeout_s,
+                                             headers=NO_HTTP_COMPRESSION)
                     with response:
                         if response.status_code >= 500 and attempt < attempts:
                             raise requests.HTTPError(f"HTTP {response.status_code}")

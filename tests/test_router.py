@@ -629,11 +629,13 @@ def test_a_failed_instance_fetch_is_tried_again_then_fails_the_series(tmp_path: 
     import threading
 
     calls: dict[str, int] = {}
+    encodings: set[str] = set()  # of the instance fetches: not compressed (Orthanc would deflate each file)
     broken = {"i3"}  # answers 503 every time
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             calls[self.path] = calls.get(self.path, 0) + 1
+            encodings.add(self.headers.get("Accept-Encoding", "") if "/file" in self.path else "identity")
             if self.path.startswith("/series/"):
                 listed = ["i1", "i2", "i3"] if self.path == "/series/S" else ["i1", "gone"]
                 return self._send(200, json.dumps({"Instances": listed}).encode())
@@ -675,6 +677,7 @@ def test_a_failed_instance_fetch_is_tried_again_then_fails_the_series(tmp_path: 
         files = client.download_instances("S", tmp_path / "b", workers=2, attempts=3)
         assert [p.read_bytes() for p in files] == [b"i1" * 100, b"i2" * 100, b"i3" * 100]  # the cut body retried
         assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["i1.dcm", "i2.dcm", "i3.dcm"]
+        assert encodings == {"identity"}
         (tmp_path / "c").mkdir()
         with pytest.raises(OrthancError, match="instances/gone/file: HTTP 404"):  # deleted meanwhile: not retried
             client.download_instances("S2", tmp_path / "c", attempts=3)
