@@ -283,7 +283,8 @@ class OrthancClient:
                            attempts: int = DOWNLOAD_ATTEMPTS) -> list[Path]:
         """Every instance of a series as its own DICOM file in `folder` (`<instance ID>.dcm`), fetched in
         parallel (`/instances/{id}/file`, without HTTP compression: `NO_HTTP_COMPRESSION`) by `workers`
-        threads, each with its own requests.Session. Each file is written atomically (wholebody.atomic): `folder` never holds half a file.
+        threads, each with its own requests.Session. Each file is written atomically (wholebody.atomic):
+        `folder` never holds half a file.
 
         A fetch that fails with a connection error, a timeout or an HTTP 5xx is tried again (a GET changes
         nothing) up to `attempts` times in all; then, or at once on another HTTP error (a 404: the instance
@@ -321,8 +322,9 @@ class OrthancClient:
                         if response.status_code >= 500 and attempt < attempts:
                             raise requests.HTTPError(f"HTTP {response.status_code}")
                         if not response.ok:
+                            tried = f" (tried {attempts} times)" if response.status_code >= 500 else ""
                             raise OrthancError(f"GET {url}: HTTP {response.status_code} "
-                                               f"{response.text[:200].strip()}")
+                                               f"{response.text[:200].strip()}{tried}")
                         atomic_write(target, lambda out: _copy_body(response, out))
                     return target
                 except requests.RequestException as exc:
@@ -340,10 +342,10 @@ class OrthancClient:
             pool.shutdown(wait=True, cancel_futures=True)
             for s in sessions:
                 s.close()
-        written = {p.name for p in folder.glob("*.dcm")}
-        if len(files) != len(instances) or not written.issuperset(p.name for p in files):
-            raise OrthancError(f"series {series_id}: {len(written)} of {len(instances)} instances downloaded "
-                               f"into {folder}")
+        written = {p.name for p in folder.glob("*.dcm")} & {p.name for p in files}
+        if len(written) != len(instances):  # one file per instance listed, none lost or written twice
+            raise OrthancError(f"series {series_id}: {len(written)} files for the {len(instances)} instances "
+                               f"Orthanc lists, in {folder}")
         return files
 
     def store_instance(self, path: Path) -> dict[str, Any]:

@@ -624,7 +624,9 @@ def test_a_series_is_fetched_instance_by_instance_in_parallel(tmp_path: Path) ->
 
 def test_a_failed_instance_fetch_is_tried_again_then_fails_the_series(tmp_path: Path) -> None:
     """A body cut short and a 503 are tried again (GET is idempotent); an instance that keeps failing, or a 404,
-    fails the download with one line naming it; no temporary file is left behind either way."""
+    fails the download with one line naming it; no temporary file is left behind either way; files that do not
+    match the series' list of instances one for one fail it too. (A small HTTP server stands in for Orthanc's
+    failures, which a healthy Orthanc does not make on demand.)"""
     import http.server
     import threading
 
@@ -637,7 +639,7 @@ def test_a_failed_instance_fetch_is_tried_again_then_fails_the_series(tmp_path: 
             calls[self.path] = calls.get(self.path, 0) + 1
             encodings.add(self.headers.get("Accept-Encoding", "") if "/file" in self.path else "identity")
             if self.path.startswith("/series/"):
-                listed = ["i1", "i2", "i3"] if self.path == "/series/S" else ["i1", "gone"]
+                listed = {"/series/S": ["i1", "i2", "i3"], "/series/S2": ["i1", "gone"]}.get(self.path, ["i1", "i1"])
                 return self._send(200, json.dumps({"Instances": listed}).encode())
             instance = self.path.split("/")[2]
             if instance == "gone":
@@ -682,6 +684,9 @@ def test_a_failed_instance_fetch_is_tried_again_then_fails_the_series(tmp_path: 
         with pytest.raises(OrthancError, match="instances/gone/file: HTTP 404"):  # deleted meanwhile: not retried
             client.download_instances("S2", tmp_path / "c", attempts=3)
         assert calls["/instances/gone/file"] == 1
+        (tmp_path / "d").mkdir()
+        with pytest.raises(OrthancError, match="1 files for the 2 instances Orthanc lists"):  # the count is checked
+            client.download_instances("S3", tmp_path / "d")
         with pytest.raises(ValueError, match="at least 1"):
             client.download_instances("S", tmp_path / "b", workers=0)
     finally:
