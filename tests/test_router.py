@@ -602,11 +602,10 @@ def test_a_series_is_fetched_instance_by_instance_in_parallel(tmp_path: Path) ->
     """A real Orthanc holding a small CT series: `download_instances` (4 workers) writes one file per
     instance, nothing half-written, and the series read from them is the volume that was stored."""
     from clinical.dicom_series import read_ct_series, write_ct_series
-    from tests.orthanc import LocalOrthanc
 
     volume = np.random.default_rng(0).integers(-1000, 2000, size=(32, 28, 24), dtype=np.int16)
     write_ct_series(volume, np.diag([0.8, 0.8, 2.0, 1.0]), tmp_path / "ct", series_description="download")
-    with LocalOrthanc() as pacs:
+    with OrthancNode(storage=tmp_path / "orthanc" / "storage") as pacs:
         client = OrthancClient(pacs.url)
         answers = [client.store_instance(path) for path in sorted((tmp_path / "ct").iterdir())]
         (series_id,) = {a["ParentSeries"] for a in answers}
