@@ -8,7 +8,8 @@ stage stamps and this script's share one clock). Stages, from the router's recor
 
   stable wait   end of storescu -> series recorded queued (Orthanc's StableAge + the feed's polling)
   queue         recorded -> a worker took it
-  download      GET /series/{id}/archive (zip of the instances)
+  download      the series' instances fetched in parallel (GET /instances/{id}/file; perf/router_download.py
+                compares it with the zip archive the router fetched before)
   read          DICOM -> volume (clinical.dicom_series.read_ct_series)
   segmentation  SegmentationClient.segment through Triton (shared memory on loopback)
   SEG encode    router.results.results_for (write_dicom_seg, BINARY)
@@ -36,7 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -45,9 +48,10 @@ from perf.client_footprint import machine
 from router.orthanc import Modality, OrthancClient, OrthancNode, free_port
 from router.rules import Rules
 from router.service import Router, RouterConfig
-from router.state import StateStore
+from router.state import SeriesRow, StateStore
 
 log = logging.getLogger("perf.router_latency")
+T = TypeVar("T")
 
 STAGES = (("stable wait", "stable_wait_s"), ("queue", "queue_s"), ("download", "download_s"), ("read", "read_s"),
           ("segmentation", "segment_s"), ("SEG encode", "seg_encode_s"),
@@ -65,6 +69,24 @@ def ct_image(name: str) -> tuple[nib.Nifti1Image, str]:
     shape = "x".join(str(s) for s in image.shape)
     kind = "abdomen" if name == "example" else "chest angiogram"
     return image, f"real CT ({kind}) {shape} (TotalSegmentator's tests)"
+
+
+def rows(state_path: Path, status: str) -> list[SeriesRow]:
+    with StateStore(state_path) as store:
+        return store.rows(status)
+
+
+def wait_for(ready: Callable[[], T], state_path: Path, every_s: float = 0.1) -> T:
+    """Poll `ready()` every `every_s` until it returns something true, and return that; raise RuntimeError
+    with the router's message as soon as the router has failed the series (`state_path`: its state)."""
+    while True:
+        value = ready()
+        if value:
+            return value
+        failed = rows(state_path, "failed")
+        if failed:
+            raise RuntimeError(f"the router failed the series: {failed[0].message}")
+        time.sleep(every_s)
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
@@ -101,27 +123,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
             if sent.returncode != 0:
                 raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
             pacs_client = OrthancClient(pacs.url)
-            while True:
-                found = pacs_client._call("POST", "/tools/find", json={"Level": "Instance", "Query": {
-                    "Modality": "SEG"}}).json()
-                if found:
-                    arrived = time.time()
-                    break
-                with StateStore(config.state_path) as store:
-                    failed = store.rows("failed")
-                if failed:
-                    raise RuntimeError(f"the router failed the series: {failed[0].message}")
-                time.sleep(0.1)
-            while True:  # the forward returns (and the outcome is recorded) just after the PACS stored the SEG
-                with StateStore(config.state_path) as store:
-                    done = store.rows("done")
-                if done:
-                    break
-                with StateStore(config.state_path) as store:
-                    failed = store.rows("failed")
-                if failed:
-                    raise RuntimeError(f"the router failed the series: {failed[0].message}")
-                time.sleep(0.1)
+            find_seg = {"Level": "Instance", "Query": {"Modality": "SEG"}}
+            wait_for(lambda: pacs_client._call("POST", "/tools/find", json=find_seg).json(), config.state_path)
+            arrived = time.time()
+            # the forward returns (and the outcome is recorded) just after the PACS stored the SEG
+            done = wait_for(lambda: rows(config.state_path, "done"), config.state_path)
         finally:
             router.stop()
     s = done[0].stages
@@ -159,7 +165,7 @@ def table(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m perf.router_latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ct", choices=("synthetic", "example", "aorta"), default="synthetic")
@@ -170,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=900.0,
                         help="seconds tritonserver may take to load its models (a loaded 2-core box: minutes)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the numbers here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="router-latency-") as work:

@@ -3,7 +3,7 @@
   python -m router run --orthanc http://127.0.0.1:8042 -u localhost:8001 -u gpu2:8001 --pacs pacs \\
       --rules rules.yaml --state-dir /var/lib/wholebody-router
   python -m router status --state-dir /var/lib/wholebody-router          # table (or --json)
-  python -m router retry ORTHANC_SERIES_ID --state-dir ...                # queue a final series again
+  python -m router retry 3f2a9c1e --state-dir ...                         # queue a final series again (ID prefix)
   python -m router stack --model-repository model_repository              # Triton + Orthanc + router, loopback
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from clinical.quality import QualityPolicy
 from clinical.seg_encodings import ENCODINGS
-from router.orthanc import Modality
+from router.orthanc import DOWNLOAD_WORKERS, Modality
 from router.rules import RulesError, load_rules
 from router.service import Router, RouterConfig, status_table
 from router.state import StateStore
@@ -53,6 +53,8 @@ def _router_flags(parser: argparse.ArgumentParser, stack: bool) -> None:
     parser.add_argument("--seg-encoding", choices=tuple(ENCODINGS), metavar="ENCODING",
                         help=f"DICOM-SEG encoding, one of {', '.join(ENCODINGS)} (default binary: Orthanc 1.10 "
                              "forwards it)")
+    parser.add_argument("--download-workers", type=int, default=DOWNLOAD_WORKERS, metavar="N",
+                        help="parallel instance fetches from Orthanc per series (default %(default)s)")
     parser.add_argument("--max-attempts", type=int, default=4, help="tries per series (default %(default)s)")
     parser.add_argument("--backoff-seconds", type=float, default=30.0,
                         help="wait after the first failed try, doubled after each (default %(default)s)")
@@ -84,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only the series in this state (default: all)")
     retry = sub.add_parser("retry", help="queue a done/held/failed/ignored series again (attempts reset)")
     retry.add_argument("orthanc_ids", nargs="+", metavar="ORTHANC_SERIES_ID",
-                       help="Orthanc's full series ID (five groups of 8 hex digits; `status` shows the first 8 "
-                            "in brackets, `status --json` the whole ID as orthanc_id)")
+                       help="Orthanc's series ID or a prefix of it that names one series (`status` shows the "
+                            "first 8 characters in brackets, `status --json` the whole ID as orthanc_id)")
     retry.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                        help="the router's --state-dir (default ./%(default)s)")
     stack = sub.add_parser("stack", help="Triton + Orthanc + router on loopback; Ctrl-C stops all")
@@ -115,7 +117,8 @@ def _config(args: argparse.Namespace, orthanc: str, urls: list[str]) -> RouterCo
         start_at_end=getattr(args, "start_at_end", False), orthanc_auth=_auth(getattr(args, "orthanc_user", None)),
         status_port=getattr(args, "status_port", None), status_address=getattr(args, "status_address", "127.0.0.1"),
         quality_policy=None if args.quality_policy is None else QualityPolicy.parse(args.quality_policy),
-        quality_checks=not args.no_quality_checks, structured_report=not args.no_sr)
+        quality_checks=not args.no_quality_checks, structured_report=not args.no_sr,
+        download_workers=args.download_workers)
 
 
 def _auth(user: str | None) -> tuple[str, str] | None:
@@ -160,15 +163,23 @@ def main(argv: list[str] | None = None) -> int:
                     print(", ".join(f"{n} {s}" for s, n in store.counts().items()))
             return 0
         if args.command == "retry":
-            if not (args.state_dir / "router.sqlite").exists():
-                log.error("%s: no router state here; pass the router's --state-dir", args.state_dir)
-                return 2
             with StateStore(args.state_dir / "router.sqlite") as store:
-                missing = [i for i in args.orthanc_ids if not store.requeue(i)]
-            for i in missing:
-                log.error("%s: not a done/held/failed/ignored series in %s; give Orthanc's full series ID "
-                          "(orthanc_id in `python -m router status --json`)", i, args.state_dir)
-            return 1 if missing else 0
+                errors = 0
+                for given in args.orthanc_ids:
+                    try:
+                        orthanc_id = store.resolve(given)
+                    except LookupError as exc:
+                        log.error("%s", exc)
+                        errors += 1
+                        continue
+                    if not store.requeue(orthanc_id):
+                        status = next((r.status for r in store.rows() if r.orthanc_id == orthanc_id), "?")
+                        log.error("%s: %s, not done/held/failed/ignored: the router has it already", orthanc_id,
+                                  status)
+                        errors += 1
+                    else:
+                        log.info("%s: queued again", orthanc_id)
+            return 1 if errors else 0
         if args.command == "run":
             signal.signal(signal.SIGTERM, _interrupt)  # systemd / Kubernetes stop: as Ctrl-C
             router = Router(_config(args, args.orthanc, args.url or ["localhost:8001"]))

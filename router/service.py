@@ -3,8 +3,9 @@ and segments them with bounded concurrency through one or several Triton servers
 
 Threads: one poller (the changes feed -> the state store) and `workers_per_server` workers per Triton
 URL (each holds its own SegmentationClient, Orthanc client and SQLite connection). A worker's series:
-download the series' archive from Orthanc -> read it (clinical.dicom_series) -> segment it (Triton) ->
-`router.results.results_for` (the DICOM-SEG today; QC and SR at merge) -> store the files in Orthanc
+download the series' instances from Orthanc (`OrthancClient.download_instances`, `download_workers` fetches
+in parallel) -> read them (clinical.dicom_series) -> segment the volume (Triton) ->
+`router.results.results_for` (the DICOM-SEG, the quality checks, the SR) -> store the files in Orthanc
 (REST POST /instances) -> forward them to the PACS (Orthanc's C-STORE, `/modalities/{pacs}/store`)
 -> record the outcome (state store, `status.json`, Orthanc series metadata).
 
@@ -26,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from router.orthanc import OrthancClient, OrthancError
+from router.orthanc import DOWNLOAD_WORKERS, OrthancClient, OrthancError
 from router.rules import Rules, decide
 from router.state import FINAL, NewSeries, SeriesRow, StateStore, backoff_s
 from wholebody.atomic import atomic_write
@@ -64,6 +65,7 @@ class RouterConfig:
     quality_policy: QualityPolicy | None = None  # None: clinical.quality.DEFAULT_ACTIONS
     quality_checks: bool = True  # check every result (quality/<series UID>.json; "hold" keeps it from the PACS)
     structured_report: bool = True  # a TID 1500 SR beside each SEG (clinical.structured_report)
+    download_workers: int = DOWNLOAD_WORKERS  # parallel instance fetches per series (router.orthanc)
 
     @property
     def state_path(self) -> Path:
@@ -117,8 +119,8 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         if not config.triton_urls:
             raise ValueError("the router needs at least one Triton server URL (-u HOST:PORT)")
-        if config.workers_per_server < 1 or config.max_attempts < 1:
-            raise ValueError("workers per server and max attempts must be at least 1")
+        if config.workers_per_server < 1 or config.max_attempts < 1 or config.download_workers < 1:
+            raise ValueError("--workers-per-server, --max-attempts and --download-workers must be at least 1")
         if not (config.backoff_base_s >= 0 and config.backoff_cap_s >= 0 and config.poll_s > 0):
             # a negative backoff raised in a worker's error path (the thread died, its series left `running`)
             raise ValueError("--backoff-seconds and --backoff-cap-seconds must be >= 0 and --poll-seconds > 0")
@@ -329,12 +331,14 @@ class Router:
         folder = Path(tempfile.mkdtemp(prefix="series-", dir=self.config.work_dir))
         try:
             t = time.monotonic()
-            archive = orthanc.download_series(row.orthanc_id, folder / "series.zip")
+            instances = folder / "instances"
+            instances.mkdir()
+            orthanc.download_instances(row.orthanc_id, instances, workers=self.config.download_workers)
             stages["download_s"] = time.monotonic() - t
             t = time.monotonic()
-            (series,) = read_ct_series(archive, row.series_uid or None)
+            (series,) = read_ct_series(instances, row.series_uid or None)
             stages["read_s"] = time.monotonic() - t
-            archive.unlink()
+            shutil.rmtree(instances)  # the volume is in memory; free the disk while the series is segmented
             t = time.monotonic()
             label_map = client.segment(  # type: ignore[attr-defined]
                 series.volume, series.affine, self.config.resolution)

@@ -5,6 +5,11 @@ runs), a local Orthanc (router.orthanc.OrthancNode: DICOM port for the modalitie
 the router (router.service.Router) between them; prints the addresses; Ctrl-C or SIGTERM stops the router
 first, then Orthanc and Triton, each with its process group (no orphans). Orthanc's storage and the
 router's state live under `--state-dir` and survive the stack.
+
+Before anything starts, `preflight` checks what the parts would need and fails in a fraction of a second
+with one line naming the fix: the bundle's weights in every PyTorch network model the local Triton would
+load (without them Triton itself gives up only after ~35 s on the 2-core box), Orthanc's binaries, and
+Orthanc's ports.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.orthanc import Modality, OrthancNode, merge_config
+from router.orthanc import DICOMWEB_PLUGIN, INSTALL_HINT, ORTHANC, Modality, OrthancNode, merge_config
 from router.service import Router, RouterConfig
 from router.state import StateStore
 
@@ -47,9 +52,70 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+WEIGHTS_HINT = ("install the bundle: `python -m wholebody.bundle install --bundle DIR`, or random weights of the real "
+                "architecture: `python -m wholebody.bundle make-test --out .cache/test-bundle --init-filters 8` then "
+                "`python -m wholebody.bundle install --bundle .cache/test-bundle` (docs/hospital-flow.md)")
+
+
+def missing_weights(model_repository: Path, models: list[str], config_name: str | None) -> list[str]:
+    """The PyTorch network models among `models` whose version folder `1/` lacks the installed bundle:
+    `network_def.json` and the checkpoint their config (`configs/<config_name>.pbtxt` where it exists, as
+    Triton reads it) names. The same files wholebody.torch_network needs at load, read without torch (whose
+    import alone takes seconds here). Raises OSError / text_format.ParseError for an unreadable config."""
+    from wholebody.served_models import config_parameters, config_path, is_torch_network_model
+
+    missing = []
+    for name in models:
+        if not is_torch_network_model(name):
+            continue
+        model_dir = Path(model_repository) / name
+        checkpoint = config_parameters(config_path(model_dir, config_name)).get("checkpoint", "")
+        version_dir = model_dir / "1"
+        files = (version_dir / "network_def.json", version_dir / checkpoint)
+        if not checkpoint or not all(f.is_file() for f in files):
+            missing.append(name)
+    return missing
+
+
+def preflight(options: StackOptions) -> None:
+    """Check, without starting anything, what `run_stack` would need: the weights of the local Triton's
+    network models (when no `triton_url` is given), Orthanc and its DICOMweb plugin, and Orthanc's ports
+    free (a port 0 is any free one). Raises RuntimeError with one line naming the file or port and the fix."""
+    for path in (ORTHANC, DICOMWEB_PLUGIN):
+        if not Path(path).exists():
+            raise RuntimeError(f"{path} is missing: {INSTALL_HINT}")
+    from wholebody.triton_server.ports import PortInUseError, check_port_free
+
+    for role, port in (("http", options.http_port), ("dicom", options.dicom_port)):
+        if port:
+            try:
+                check_port_free("0.0.0.0", port, role)  # Orthanc 1.10 listens on every interface
+            except PortInUseError as exc:
+                raise RuntimeError(f"Orthanc's {exc}") from None
+    if options.triton_url is not None:
+        return
+    from wholebody.served_models import models_with_config
+    from wholebody.triton_server.local import LocalTritonServer
+
+    kwargs = {"model_repository": options.model_repository} if options.model_repository else {}
+    server = LocalTritonServer(**kwargs)  # type: ignore[arg-type]  # not started: what it would load
+    repository = Path(server.model_repository)
+    if not repository.is_dir():
+        raise RuntimeError(f"{repository}: no model repository there; give --model-repository (default: the "
+                           "project's model_repository/) or -u HOST:PORT of a running Triton")
+    models = server.models if server.models is not None else models_with_config(repository, server.config_name)
+    missing = missing_weights(repository, models, server.config_name)
+    if missing:
+        names = ", ".join(missing)
+        raise RuntimeError(f"{repository}: no weights in {names} (1/network_def.json and the checkpoint); "
+                           f"{WEIGHTS_HINT}")
+
+
 def run_stack(options: StackOptions, ready: Callable[[dict[str, str]], None] | None = None) -> int:
     """Start Triton, Orthanc and the router; call `ready(addresses)` (default: print them); block until
-    Ctrl-C / SIGTERM; stop everything. Returns 0. Raises RuntimeError when a part does not start."""
+    Ctrl-C / SIGTERM; stop everything. Returns 0. Raises RuntimeError when `preflight` finds a part that
+    cannot start (nothing is started then) or a part does not start."""
+    preflight(options)
     options.state_dir.mkdir(parents=True, exist_ok=True)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -192,6 +192,24 @@ class StateStore:
         return cursor.rowcount == 1
 
     # --- operators ------------------------------------------------------------------------------
+    def resolve(self, prefix: str) -> str:
+        """The Orthanc series ID that `prefix` starts (the whole ID, or the 8 characters `status` shows).
+
+        Raises LookupError with one line naming the candidates (ambiguous) or the fix (unknown)."""
+        given = prefix.strip().lower()  # Orthanc IDs are lower-case hex (SHA-1 groups)
+        if not given:
+            raise LookupError("an empty series ID; give one from `python -m router status`")
+        ids = [r["orthanc_id"] for r in self._db.execute(
+            "SELECT orthanc_id FROM series WHERE substr(orthanc_id, 1, ?) = ? ORDER BY orthanc_id",
+            (len(given), given))]
+        if given in ids or len(ids) == 1:
+            return given if given in ids else ids[0]
+        if not ids:
+            raise LookupError(f"{given}: no series of {self.path} starts with it; see the IDs in brackets in "
+                              "`python -m router status` (or orthanc_id in `status --json`)")
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        raise LookupError(f"{given}: {len(ids)} series start with it ({shown}); give more characters")
+
     def rows(self, status: str | None = None) -> list[SeriesRow]:
         sql, args = "SELECT * FROM series", ()
         if status is not None:

@@ -593,3 +593,154 @@ def test_a_read_on_a_connection_orthanc_dropped_is_tried_once_more() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- download, retry by prefix, the stack's checks up front ---------------------------------------------
+
+
+def test_a_series_is_fetched_instance_by_instance_in_parallel(tmp_path: Path) -> None:
+    """A real Orthanc holding a small CT series: `download_instances` (4 workers) writes one file per
+    instance, nothing half-written, and the series read from them is the volume that was stored."""
+    from clinical.dicom_series import read_ct_series, write_ct_series
+
+    volume = np.random.default_rng(0).integers(-1000, 2000, size=(32, 28, 24), dtype=np.int16)
+    write_ct_series(volume, np.diag([0.8, 0.8, 2.0, 1.0]), tmp_path / "ct", series_description="download")
+    with OrthancNode(storage=tmp_path / "orthanc" / "storage") as pacs:
+        client = OrthancClient(pacs.url)
+        answers = [client.store_instance(path) for path in sorted((tmp_path / "ct").iterdir())]
+        (series_id,) = {a["ParentSeries"] for a in answers}
+        (tmp_path / "got").mkdir()
+        files = client.download_instances(series_id, tmp_path / "got", workers=4)
+        assert sorted(p.name for p in files) == sorted(f"{a['ID']}.dcm" for a in answers)
+        assert sorted(p.name for p in (tmp_path / "got").iterdir()) == sorted(p.name for p in files)  # no partials
+        (series,) = read_ct_series(tmp_path / "got")
+        (original,) = read_ct_series(tmp_path / "ct")
+        np.testing.assert_array_equal(series.volume, original.volume)
+        with pytest.raises(OrthancError, match="HTTP 404"):
+            client.download_instances("no-such-series", tmp_path / "got")
+        client.close()
+
+
+def test_a_failed_instance_fetch_is_tried_again_then_fails_the_series(tmp_path: Path) -> None:
+    """A body cut short and a 503 are tried again (GET is idempotent); an instance that keeps failing, or a 404,
+    fails the download with one line naming it; no temporary file is left behind either way; files that do not
+    match the series' list of instances one for one fail it too. (A small HTTP server stands in for Orthanc's
+    failures, which a healthy Orthanc does not make on demand.)"""
+    import http.server
+    import threading
+
+    calls: dict[str, int] = {}
+    encodings: set[str] = set()  # of the instance fetches: not compressed (Orthanc would deflate each file)
+    broken = {"i3"}  # answers 503 every time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            calls[self.path] = calls.get(self.path, 0) + 1
+            encodings.add(self.headers.get("Accept-Encoding", "") if "/file" in self.path else "identity")
+            if self.path.startswith("/series/"):
+                listed = {"/series/S": ["i1", "i2", "i3"], "/series/S2": ["i1", "gone"]}.get(self.path, ["i1", "i1"])
+                return self._send(200, json.dumps({"Instances": listed}).encode())
+            instance = self.path.split("/")[2]
+            if instance == "gone":
+                return self._send(404, b"unknown resource")
+            if instance in broken:
+                return self._send(503, b"busy")
+            if instance == "i2" and calls[self.path] == 1:  # the first answer is cut off mid-body
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"partial")
+                self.wfile.flush()
+                self.connection.close()
+                return None
+            return self._send(200, instance.encode() * 100)
+
+        def _send(self, code: int, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = OrthancClient(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=10)
+    try:
+        (tmp_path / "a").mkdir()
+        with pytest.raises(OrthancError, match=r"instances/i3/file: HTTP 503"):
+            client.download_instances("S", tmp_path / "a", workers=2, attempts=3)
+        assert calls["/instances/i3/file"] == 3
+        assert all(not p.name.endswith(".partial") for p in (tmp_path / "a").iterdir())
+        broken.clear()
+        (tmp_path / "b").mkdir()
+        files = client.download_instances("S", tmp_path / "b", workers=2, attempts=3)
+        assert [p.read_bytes() for p in files] == [b"i1" * 100, b"i2" * 100, b"i3" * 100]  # the cut body retried
+        assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["i1.dcm", "i2.dcm", "i3.dcm"]
+        assert encodings == {"identity"}
+        (tmp_path / "c").mkdir()
+        with pytest.raises(OrthancError, match="instances/gone/file: HTTP 404"):  # deleted meanwhile: not retried
+            client.download_instances("S2", tmp_path / "c", attempts=3)
+        assert calls["/instances/gone/file"] == 1
+        (tmp_path / "d").mkdir()
+        with pytest.raises(OrthancError, match="1 files for the 2 instances Orthanc lists"):  # the count is checked
+            client.download_instances("S3", tmp_path / "d")
+        with pytest.raises(ValueError, match="at least 1"):
+            client.download_instances("S", tmp_path / "b", workers=0)
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_retry_takes_a_unique_prefix_of_the_series_id(tmp_path: Path) -> None:
+    """`router retry` with the 8 characters `status` shows (or any unique prefix); an ambiguous prefix names
+    the candidates, an unknown one says where the IDs are; each in one line."""
+    ids = ["3f2a9c1e-0b1d2c3e-4f5a6b7c-8d9e0f1a-2b3c4d5e", "3f2b0000-0b1d2c3e-4f5a6b7c-8d9e0f1a-2b3c4d5e",
+           "a0000000-0b1d2c3e-4f5a6b7c-8d9e0f1a-2b3c4d5e"]
+    with StateStore(tmp_path / "router.sqlite") as store:
+        store.record_changes([NewSeries(i, f"1.2.{n}", "1.2", False, "modality SEG") for n, i in enumerate(ids)], 3)
+        store.record_changes([NewSeries("queued-one", "1.3", "1.2", True, "ok")], 4)
+        assert store.resolve("3f2a9c1e") == ids[0] and store.resolve(ids[1]) == ids[1]
+        assert store.resolve("3F2A") == ids[0]  # Orthanc's IDs are lower case
+        with pytest.raises(LookupError, match=r"3f2: 2 series start with it \(3f2a9c1e-.*, 3f2b0000-.*\); give more"):
+            store.resolve("3f2")
+        with pytest.raises(LookupError, match="no series .* starts with it; see the IDs in brackets"):
+            store.resolve("ffff")
+
+    def retry(*ids_given: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "router", "retry", *ids_given, "--state-dir", str(tmp_path)],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+
+    result = retry("3f2", "queued")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 2 and "give more characters" in errors[0] and "the router has it already" in errors[1]
+    assert retry("a0000000").returncode == 0
+    with StateStore(tmp_path / "router.sqlite") as store:
+        assert {r.orthanc_id for r in store.rows("queued")} == {"queued-one", ids[2]}
+
+
+def test_stack_without_weights_fails_at_once_naming_the_fix(tmp_path: Path, test_model_repository: Path) -> None:
+    """`router stack` on a model repository without the bundle's weights: one line naming the models and the
+    install command, exit 1, and nothing started (no state folder, no Orthanc storage); with the weights
+    installed the check passes."""
+    from router.service import RouterConfig
+    from router.stack import StackOptions, preflight
+    from wholebody.bundle import copy_model_repository
+
+    empty = copy_model_repository(tmp_path / "repo")
+    result = subprocess.run([sys.executable, "-m", "router", "stack", "--model-repository", str(empty),
+                             "--state-dir", str(tmp_path / "state"), "--dicom-port", "0", "--http-port", "0",
+                             "--no-viewer"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "no weights in segresnet_highres_torch_amp" in result.stderr
+    assert "python -m wholebody.bundle install --bundle" in result.stderr
+    assert not (tmp_path / "state").exists()
+    options = StackOptions(state_dir=tmp_path / "ok", router=RouterConfig("", [], tmp_path / "ok"), dicom_port=0,
+                           http_port=0, model_repository=test_model_repository)
+    preflight(options)  # the test bundle is installed there: nothing to say
+    with pytest.raises(RuntimeError, match="no model repository there"):
+        preflight(StackOptions(state_dir=tmp_path, router=options.router, dicom_port=0, http_port=0,
+                               model_repository=tmp_path / "nowhere"))
