@@ -381,8 +381,10 @@ def check_padding(padded_fraction: float, thresholds: QualityThresholds) -> Chec
 SLAB_VOXELS = 1 << 22  # voxels per slab of the whole-map passes (4 Mi: 16 slices of 512 x 512)
 # check_scan crops each structure to its bounding box (as `check_components` etc. do one mask) while the boxes
 # add up to at most this many volumes of the map, else it reads the whole map for all structures at once.
-# Crops cost ~2.3 s and the whole-map passes ~7-10 s per 512x512x397 volume on 2 cores (perf/quality_speed.py):
-# organ-sized results have boxes of <1 volume in all, random-weights results ~100 volumes.
+# Measured on 512x512x397 maps, 2-core AMD EPYC (perf/quality_speed.py): crops take ~0.5 s plus 1.0-1.6 CPU s
+# per volume of boxes, the whole-map passes 6-9 s whatever the layout; organ-sized results have boxes of
+# 0.6-1.5 volumes in all, random-weights results ~100. Below the break-even (~4-5) to spare the whole-map
+# passes' time on organ-sized results.
 CROP_VOLUMES_MAX = 3.0
 
 
@@ -404,7 +406,8 @@ def axis_histograms(label_map: np.ndarray, slab_voxels: int = SLAB_VOXELS) -> li
     """Voxels per index and label along each axis of a 3-D uint8 label map: three arrays [n_axis, 256] int64,
     `out[axis][i, label]` = voxels of `label` in slice i along `axis`. Two bincounts per voxel (one keyed by
     column and label per slab, one keyed by row and label per slice), slabs of ~`slab_voxels` along the
-    slowest axis in memory; temporaries ~16 bytes x `slab_voxels`; no coordinate arrays. A structure's bounding box, its voxels in the first/last slice and its centroid follow."""
+    slowest axis in memory; temporaries ~16 bytes x `slab_voxels`; no coordinate arrays. A structure's
+    bounding box, its voxels in the first and last slice and its centroid follow from them."""
     view, order = _memory_order(np.asarray(label_map))
     out = [np.zeros((n, 256), np.int64) for n in view.shape]
     _, rows, cols = view.shape

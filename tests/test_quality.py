@@ -346,6 +346,8 @@ def test_whole_map_passes_equal_the_crops_on_scattered_labels() -> None:
         assert liver["status"] == "fail" and liver["values"]["components"] > 100
     fortran = np.asfortranarray(scattered_labels((30, 31, 32), 2, block=3))  # NIfTI's memory order
     both_paths(fortran, np.zeros(fortran.shape, np.int16))
+    strided = fortran[::-1, :, ::-2]  # a view with negative and doubled strides
+    both_paths(strided, np.zeros(strided.shape, np.int16))
 
 
 def test_component_sizes_across_slabs() -> None:
