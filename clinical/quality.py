@@ -382,7 +382,7 @@ SLAB_VOXELS = 1 << 22  # voxels per slab of the whole-map passes (4 Mi: 16 slice
 # check_scan crops each structure to its bounding box (as `check_components` etc. do one mask) while the boxes
 # add up to at most this many volumes of the map, else it reads the whole map for all structures at once.
 # Measured on 512x512x397 maps, 2-core AMD EPYC (perf/quality_speed.py): crops take ~0.5 s plus 1.0-1.6 CPU s
-# per volume of boxes, the whole-map passes 6-9 s whatever the layout; organ-sized results have boxes of
+# per volume of boxes, the whole-map passes 5-9 s whatever the layout; organ-sized results have boxes of
 # 0.6-1.5 volumes in all, random-weights results ~100. Below the break-even (~4-5) to spare the whole-map
 # passes' time on organ-sized results.
 CROP_VOLUMES_MAX = 3.0
@@ -457,7 +457,7 @@ def component_sizes(label_map: np.ndarray, wanted: Sequence[int],
     labels at once: `skimage.measure.label` (regions of equal value, background 0) slab by slab along the
     slowest axis in memory, then the pieces that touch across each slab boundary are joined
     (`scipy.sparse.csgraph.connected_components`). Memory: ~30 bytes x `slab_voxels` for a slab's labelling
-    plus ~20 bytes per component of the map (the whole map labelled at once would take 16 bytes per voxel:
+    plus ~40 bytes per component of the map (the whole map labelled at once would take 16 bytes per voxel:
     1.6 GB for 512x512x397). Equal to `scipy.ndimage.label` of each label's mask (tests/test_quality.py)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -552,8 +552,8 @@ def check_scan(
     The structures are measured on their bounding-box crops while those add up to at most
     `crop_volumes_max` volumes of the map (organ-sized results), else by whole-map passes for all of them
     at once (`structure_geometry`: random-weights results, every label scattered over the body, whose ~100
-    full-volume crops took 84 s). Both give the same report; the time stays bounded whatever the layout
-    (docs/quality-and-reports.md).
+    full-volume crops took 84-128 s for 512x512x397 on 2 cores, now 9 s). Both give the same report; the
+    time stays bounded whatever the layout (docs/quality-and-reports.md).
 
     Args:
         label_map: [X, Y, Z] uint8 labels (0 = background) on the CT's grid.
