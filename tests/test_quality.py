@@ -1,9 +1,11 @@
 """clinical.quality: each check on a constructed case that must trip it and one that must not, the policy,
-and check_scan on a small phantom (RAS, 2 x 2 x 3 mm voxels) with known answers."""
+and check_scan on a small phantom (RAS, 2 x 2 x 3 mm voxels) with known answers; check_scan's whole-map
+passes against its per-structure crops (the reference) on those cases and on scattered random label maps."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +269,145 @@ def test_quality_writer_on_a_nifti_scan(tmp_path: Path) -> None:
                                                        "incomplete": []}
     with pytest.raises(ValueError, match="SR references the DICOM-SEG"):
         make_writers(["nifti"], sr=True)
+
+
+# ---------------------------------------------------------------------------------------------- whole map
+# check_scan measures the structures either on their bounding-box crops (the reference, one mask at a time)
+# or by whole-map passes for all at once (crop_volumes_max=0); the reports must be equal, numbers included.
+
+def both_paths(labels: np.ndarray, ct: np.ndarray, affine: np.ndarray = AFFINE, **kwargs: object) -> dict:
+    whole = q.check_scan(labels, ct, affine, NAMES, crop_volumes_max=0, **kwargs).to_dict()
+    crops = q.check_scan(labels, ct, affine, NAMES, crop_volumes_max=math.inf, **kwargs).to_dict()
+    assert whole == crops
+    assert q.check_scan(labels, ct, affine, NAMES, **kwargs).to_dict() == crops  # the default choice
+    return whole
+
+
+def scattered_labels(shape: tuple[int, int, int], seed: int, block: int = 2, speckle: float = 0.1) -> np.ndarray:
+    """Like a random-weights result: every label (0..104) everywhere, as blocks of `block` voxels of a
+    random label with `speckle` of the voxels set to another random label; uint8 [X, Y, Z]."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, len(NAMES), tuple(-(-n // block) for n in shape), dtype=np.uint8)
+    labels = coarse.repeat(block, 0).repeat(block, 1).repeat(block, 2)[: shape[0], : shape[1], : shape[2]].copy()
+    spots = rng.random(shape) < speckle
+    labels[spots] = rng.integers(0, len(NAMES), int(spots.sum()), dtype=np.uint8)
+    return labels
+
+
+def test_whole_map_passes_equal_the_crops_on_the_constructed_cases() -> None:
+    labels, ct = phantom()
+    assert both_paths(labels, ct)["failed"] == {}
+    cut = labels.copy()
+    cut[55:95, 10:60, 0:5] = LABEL["liver"]
+    cut[10:25, 10:35, 50:60] = LABEL["spleen"]  # to the last slice
+    assert both_paths(cut, ct)["structures"]["spleen"]["incomplete"]
+    pieces = labels.copy()
+    pieces[40:50, 10:20, 5:15] = LABEL["kidney_right"]
+    pieces[2:4, 2:4, 2:4] = LABEL["colon"]  # a multipart structure: components not applicable
+    pieces[6:8, 2:4, 2:4] = LABEL["colon"]
+    report = both_paths(pieces, ct)
+    assert report["failed"]["components"] == 1
+    assert report["structures"]["colon"]["checks"][1]["detail"] == "not a single organ"
+    swapped = labels.copy()
+    swapped[labels == LABEL["kidney_right"]], swapped[labels == LABEL["kidney_left"]] = (
+        LABEL["kidney_left"], LABEL["kidney_right"])
+    assert both_paths(swapped, ct)["held"]
+    spine_less = labels.copy()
+    spine_less[(labels >= LABEL["vertebrae_L5"]) & (labels <= LABEL["vertebrae_C1"])] = 0
+    both_paths(spine_less, ct)  # midline from the body
+    both_paths(np.zeros_like(labels), ct)  # nothing present
+    sagittal = np.array([[0, 0, -2.0, 0], [2.0, 0, 0, 0], [0, -3.0, 0, 0], [0, 0, 0, 1]])  # axial axis 1
+    assert both_paths(cut, ct, sagittal)["structures"]["liver"]["checks"][0]["values"] == {
+        "first_slice": False, "last_slice": False}
+
+
+def test_whole_map_passes_equal_the_crops_on_a_real_segmentation() -> None:
+    """TotalSegmentator's masks of a real CT (30 slices, RAS) and the same voxels mirrored left-right."""
+    import nibabel as nib
+
+    from wholebody.sample_data import real_ct, real_label_map
+
+    image = real_label_map(NAMES)
+    labels = np.asanyarray(image.dataobj)
+    ct = np.asanyarray(nib.load(real_ct("example_ct_sm")).dataobj)
+    assert not both_paths(labels, ct, image.affine)["held"]
+    assert both_paths(np.ascontiguousarray(labels[::-1]), np.ascontiguousarray(ct[::-1]), image.affine)["held"]
+
+
+def test_whole_map_passes_equal_the_crops_on_scattered_labels() -> None:
+    """Random-weights-like maps: every label scattered over the volume, thousands of components each."""
+    for seed, shape in ((0, (64, 64, 64)), (1, (40, 56, 33))):
+        labels = scattered_labels(shape, seed)
+        assert set(np.unique(labels)) == set(range(len(NAMES)))  # every label present
+        ct = np.random.default_rng(seed).integers(-1024, 2000, shape).astype(np.int16)
+        report = both_paths(labels, ct)
+        assert len(report["structures"]) == len(NAMES) - 1 and report["held"]
+        liver = report["structures"]["liver"]["checks"][1]
+        assert liver["status"] == "fail" and liver["values"]["components"] > 100
+    fortran = np.asfortranarray(scattered_labels((30, 31, 32), 2, block=3))  # NIfTI's memory order
+    both_paths(fortran, np.zeros(fortran.shape, np.int16))
+    strided = fortran[::-1, :, ::-2]  # a view with negative and doubled strides
+    both_paths(strided, np.zeros(strided.shape, np.int16))
+
+
+def test_component_sizes_across_slabs() -> None:
+    """Slabs of one to a few slices: the pieces joined across every boundary (diagonal touches included)
+    give the components scipy.ndimage.label finds in each label's mask."""
+    labels = scattered_labels((23, 17, 19), 3, block=2, speckle=0.3)
+    labels[5, 5, 5:10] = 200  # touches only diagonally across slices
+    labels[6, 6, 7] = 200
+    labels[7, 5, 8] = 200
+    wanted = [int(v) for v in np.unique(labels) if v]
+    expected = {}
+    for value in wanted:
+        regions, _ = ndimage_label(labels == value)
+        expected[value] = sorted(np.bincount(regions.ravel())[1:].tolist())
+    assert len(expected[200]) == 1
+    for slab_voxels in (1, 17 * 19 * 2, 17 * 19 * 5, 1 << 22):
+        sizes = q.component_sizes(labels, wanted, slab_voxels)
+        assert {v: sorted(s.tolist()) for v, s in sizes.items()} == expected
+    assert q.component_sizes(np.zeros((3, 3, 3), np.uint8), [1])[1].size == 0
+
+
+def ndimage_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    from scipy import ndimage
+
+    return ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+
+
+def test_histograms_give_the_boxes_and_centroids_of_the_crops() -> None:
+    from scipy import ndimage
+
+    labels = scattered_labels((21, 18, 25), 4, block=3, speckle=0.02)
+    labels[:, :, :] = np.where(labels < 40, 0, labels)
+    for order in ("C", "F"):
+        arranged = np.asarray(labels, order=order)
+        histograms = q.axis_histograms(arranged, slab_voxels=18 * 25 * 2)
+        for axis in range(3):
+            assert histograms[axis].sum() == labels.size
+            for index in (0, labels.shape[axis] - 1):
+                counts = np.bincount(np.take(labels, index, axis=axis).ravel(), minlength=256)
+                assert np.array_equal(histograms[axis][index], counts)
+        for value, box in enumerate(ndimage.find_objects(labels), start=1):
+            if box is None:
+                continue
+            assert q.histogram_box(histograms, value) == box
+            offset = np.array([sl.start for sl in box], np.float64)
+            crop = q.mean_index(labels[box] == value) + offset
+            assert np.array_equal(q.histogram_centroid(histograms, value), crop)  # the same float bits
+    with pytest.raises(ValueError, match="no voxels"):
+        q.histogram_centroid(q.axis_histograms(labels), 3)
+
+
+def test_components_result_is_check_components() -> None:
+    organ = np.zeros((30, 30, 30), bool)
+    organ[5:15, 5:15, 5:15] = True
+    for corner in range(8):
+        organ[20 + corner // 4 * 4, 20 + corner // 2 % 2 * 4, 20 + corner % 2 * 4] = True
+    organ[0:3, 25:30, 0:10] = True
+    sizes = np.bincount(ndimage_label(organ)[0].ravel())[1:]
+    for name in ("liver", "colon"):
+        for share in (0.0, 0.05, 0.5):
+            assert q.components_result(name, sizes[::-1], share) == q.check_components(name, organ, share)
+    assert q.components_result("liver", np.zeros(0, np.int64), 0.05) == q.check_components(
+        "liver", np.zeros((2, 2, 2), bool), 0.05)
