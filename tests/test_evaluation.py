@@ -123,6 +123,59 @@ def test_merge_cli_makes_a_dataset_layout_that_evaluate_reads(tmp_path: Path, ca
     assert json.loads((tmp_path / "r.json").read_text())[0]["present"] == ["liver"]
 
 
+def test_merge_refuses_bad_masks_and_outputs_in_one_line_and_writes_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    liver = box_mask((2, 2, 2), (4, 4, 4))
+    soft = liver.astype(np.float32) * 0.8
+    soft[2, 2, 2] = 0.3
+    folder = subject(tmp_path / "s", {"liver": soft, "spleen": liver * 255, "livr": liver})
+    report = merge_subject(folder, tmp_path / "ok.nii.gz")  # a soft mask and a 0/255 mask are binarised, noted
+    assert report.present == [LABEL["spleen"], LABEL["liver"]] and set(report.not_binary) == {"liver", "spleen"}
+    assert "did you mean liver" in report.left_out["livr"]
+    out = tmp_path / "out.nii.gz"
+    for bad, match in ((liver * np.uint8(3) + box_mask((0, 0, 0), (1, 1, 1)), r"a label map, not one structure"),
+                       (np.where(liver > 0, np.nan, 0).astype(np.float32), "NaN"),
+                       (liver.astype(np.int16) - 1, "negative")):
+        save(bad, folder / "segmentations" / "spleen.nii.gz")
+        with pytest.raises(MergeError, match=r"spleen\.nii\.gz: .*" + match):
+            merge_subject(folder, out)
+    for name in ("spleen", "liver"):
+        (folder / "segmentations" / f"{name}.nii.gz").unlink()
+    with pytest.raises(MergeError, match=r"none of its 1 masks .*did you mean liver"):  # no all-zero label map
+        merge_subject(folder, out)
+    (folder / "segmentations" / "livr.nii.gz").unlink()
+    with pytest.raises(MergeError, match=r"segmentations: no masks"):
+        merge_subject(folder, out)
+    save(liver, folder / "segmentations" / "liver.nii.gz")
+    with pytest.raises(MergeError, match="is the subject's CT"):
+        merge_subject(folder, folder / "ct.nii.gz")
+    assert not out.exists() and nib.load(folder / "ct.nii.gz").get_data_dtype() == np.int16
+    # the CLI: one line and status 2 for an -o that cannot be a label file, before anything is read
+    (tmp_path / "folder").mkdir()
+    for output in (tmp_path / "folder", tmp_path / "labels"):
+        assert main(["merge", str(folder), "-o", str(output)]) == 2
+    assert main(["merge", str(folder), "-o", str(out), "--report", str(tmp_path / "folder")]) == 2
+    assert [r.message.count("\n") for r in caplog.records] == [0, 0, 0]
+    # a subject without ct.nii.gz in a dataset root is named, not silently dropped
+    (tmp_path / "ts" / "s2" / "segmentations").mkdir(parents=True)
+    subject(tmp_path / "ts" / "s1", {"liver": liver})
+    assert main(["merge", str(tmp_path / "ts"), "-o", str(tmp_path / "ds")]) == 1
+    assert "s2/ct.nii.gz: missing" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "ds").rglob("*")) == ["imagesTr", "labelsTr", "s1.nii.gz", "s1.nii.gz"]
+
+
+def test_merge_interrupted_leaves_no_half_written_file_nor_a_lone_image_link(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    subject(tmp_path / "ts" / "s1", {"liver": box_mask((2, 2, 2), (4, 4, 4))})
+
+    def interrupted(*args: object) -> None:  # Ctrl-C while the label map is being written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("wholebody.atomic.os.replace", interrupted)
+    assert main(["merge", str(tmp_path / "ts"), "-o", str(tmp_path / "ds")]) == 130
+    assert [p.name for p in (tmp_path / "ds").rglob("*") if not p.is_dir()] == []
+
+
 # --- metrics -------------------------------------------------------------------------------------------------
 
 
