@@ -256,6 +256,9 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     )
 
     urls = args.url or [DEFAULT_URL]
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        log.error("error: -o %s is a file; give a folder for the metrics, plot and predictions", args.output_dir)
+        return 2
     labels = _labels(args.structures)
     if isinstance(labels, str):
         log.error("error: %s", labels)
@@ -281,6 +284,9 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
         log.error("error: %s", exc)
         return 2
     served = sorted({u for v in variants for u in v.urls})
+    if (down := _no_server(variants, args.timeout)) is not None:
+        log.error("error: %s", down)
+        return 2
     if served and (mismatch := check_label_names(served, args.timeout)) is not None:
         log.error("error: %s", mismatch)
         return 2
@@ -313,6 +319,11 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
         log.error("error: %s: %s; make room or fix the folder, then rerun", args.output_dir, exc)
         return 1
     result = EvaluationResult(str(args.dataset), options, results)
+    if not any(s.error is None for v in results for s in v.scans):
+        # e.g. no server answered: empty tables must not replace an earlier run's results in the same folder
+        log.error("error: no scan was scored (each failed, see above); the outputs in %s were left as they were",
+                  args.output_dir)
+        return 1
     try:
         paths = write_outputs(result, args.output_dir)
     except OSError as exc:
@@ -321,6 +332,29 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     _print_summary(result, [variant_summary(v, options) for v in results])
     print("outputs: " + ", ".join(str(p) for p in paths.values()), file=sys.stdout)
     return 1 if any(s.error for v in results for s in v.scans) else 0
+
+
+def _no_server(variants: Sequence[object], timeout_s: float | None) -> str | None:
+    """A one-line error when no server of some variant answers (checked before anything is written in -o:
+    a run that can segment nothing would only leave a manifest of failures there), else None. A variant
+    with some servers down goes on: the cohort runner sends their scans to the others."""
+    from client import SegmentationClient, SegmentationError
+
+    answers: dict[str, str | None] = {}
+    for variant in variants:
+        urls = getattr(variant, "urls", ())
+        for url in urls:
+            if url not in answers:
+                try:
+                    with SegmentationClient(url, timeout_s=timeout_s if timeout_s is not None else 30.0) as seg:
+                        seg.label_names()
+                    answers[url] = None
+                except SegmentationError as exc:
+                    answers[url] = str(exc)
+        if urls and all(answers[u] is not None for u in urls):
+            return (f"variant {getattr(variant, 'name', '?')}: no server answers ({answers[urls[0]]}); start one "
+                    f"or pass -u HOST:PORT (nothing was written)")
+    return None
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -504,15 +504,14 @@ def metric_rows(result: EvaluationResult) -> list[dict[str, Any]]:
 
 def write_outputs(result: EvaluationResult, out_dir: Path) -> dict[str, Path]:
     """Write metrics.csv, structures.csv, evaluation.json, dice.png (and comparison.csv for two variants)
-    atomically into `out_dir`. Returns name -> path. Raises OSError when a file cannot be written."""
-    paths = {name: out_dir / name for name in ("metrics.csv", "structures.csv", "evaluation.json", "dice.png")}
-    atomic_write(paths["metrics.csv"], lambda s: s.write(_csv_text(metric_rows(result))))
+    atomically into `out_dir`; every file's bytes are made before the first is written, so a failure while
+    making them (the plot, say) leaves an earlier run's set as it was. Returns name -> path.
+
+    Raises:
+        OSError: a file cannot be written.
+    """
     structure_rows = [{"variant": v.variant.name, **row} for v in result.variants for row in structure_summary(v)]
-    atomic_write(paths["structures.csv"], lambda s: s.write(_csv_text(structure_rows)))
     comparison = compare(*result.variants) if len(result.variants) == 2 else None
-    if comparison is not None:
-        paths["comparison.csv"] = out_dir / "comparison.csv"
-        atomic_write(paths["comparison.csv"], lambda s: s.write(_csv_text(comparison["structures"])))
     document = {
         "dataset": result.dataset,
         "machine": socket.gethostname(),
@@ -528,8 +527,16 @@ def write_outputs(result: EvaluationResult, out_dir: Path) -> dict[str, Path]:
                      for v in result.variants],
         "comparison": comparison,
     }
-    atomic_write(paths["evaluation.json"], lambda s: s.write(json.dumps(_json_safe(document), indent=1).encode()))
-    atomic_write(paths["dice.png"], lambda s: s.write(plot_png(result)))
+    contents = {"metrics.csv": _csv_text(metric_rows(result)), "structures.csv": _csv_text(structure_rows)}
+    if comparison is not None:
+        contents["comparison.csv"] = _csv_text(comparison["structures"])
+    contents["evaluation.json"] = json.dumps(_json_safe(document), indent=1, allow_nan=False).encode()
+    contents["dice.png"] = plot_png(result)
+    paths = {name: out_dir / name for name in contents}
+    for name, data in contents.items():
+        atomic_write(paths[name], lambda stream, data=data: stream.write(data))
+    if comparison is None:  # an earlier --compare run's table would contradict this run's evaluation.json
+        (out_dir / "comparison.csv").unlink(missing_ok=True)
     return paths
 
 
@@ -577,13 +584,15 @@ def plot_png(result: EvaluationResult) -> bytes:
         ax.scatter([], [], s=20, color=colors[i % 10], label=result.variants[i].variant.name)
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels([names[label] for label in labels], fontsize=7)
-    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_ylim(max(len(labels), 1) - 0.5, -0.5)  # no structure scored (absent everywhere): an empty axis, no warning
+    if not labels:
+        ax.text(0.5, 0, "no structure present in any ground truth or prediction", ha="center", va="center")
     ax.set_xlim(-0.02, 1.02)
     ax.set_xlabel("Dice")
     ax.grid(axis="x", alpha=0.3)
     scans = max((sum(s.error is None for s in v.scans) for v in result.variants), default=0)
     ax.set_title(f"Dice per structure, {scans} scans of {Path(result.dataset).name}", fontsize=10)
-    if k > 1 or labels:
+    if labels:  # variants put a point in the legend only when they have a structure to show
         ax.legend(loc="lower left", fontsize=8, frameon=True)
     fig.tight_layout()
     stream = io.BytesIO()

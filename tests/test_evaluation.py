@@ -276,6 +276,33 @@ def test_evaluate_cli_writes_csv_json_plot_and_a_paired_comparison(tmp_path: Pat
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # the plot of nothing scored: no empty-axis or legend warning
+def test_evaluate_keeps_an_output_folder_consistent_and_earlier_results_when_nothing_can_be_scored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every structure absent on both sides (NaN everywhere), a rerun into a folder of an earlier --compare
+    run, then runs that can score nothing (no predictions, no server): earlier results stay as they were."""
+    save(np.full(SHAPE, -1000, np.int16), tmp_path / "ds" / "imagesTr" / "c1.nii.gz")
+    save(np.zeros(SHAPE, np.uint8), tmp_path / "ds" / "labelsTr" / "c1.nii.gz")
+    save(np.zeros(SHAPE, np.uint8), tmp_path / "empty_seg" / "c1_seg.nii.gz")
+    (tmp_path / "none").mkdir()
+    out, ds, empty = tmp_path / "eval", str(tmp_path / "ds"), str(tmp_path / "empty_seg")
+    assert main(["evaluate", ds, "-o", str(out), "-q", "--compare", f"folder={empty},name=a",
+                 f"folder={empty},name=b"]) == 0
+    assert (out / "comparison.csv").exists()
+    assert main(["evaluate", ds, "-o", str(out), "-q", "--predictions", empty]) == 0
+    assert not (out / "comparison.csv").exists()  # the earlier run's table would contradict evaluation.json
+    document = json.loads((out / "evaluation.json").read_text())  # strict JSON: NaN written as null
+    assert document["variants"][0]["absent"] == 104 and document["variants"][0]["per_scan"][0]["mean_dice"] is None
+    assert {r["dice"] for r in csv.DictReader((out / "metrics.csv").open())} == {""}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["evaluate", ds, "-o", str(out), "-q", "--predictions", str(tmp_path / "none")]) == 1
+    assert main(["evaluate", ds, "-o", str(out), "-q", "-u", "127.0.0.1:1"]) == 2  # nothing can answer
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not (out / "predictions").exists()
+    assert main(["evaluate", ds, "-o", str(out / "metrics.csv"), "-q", "--predictions", empty]) == 2
+    assert "no scan was scored" in caplog.text and "127.0.0.1:1: no server answers" not in caplog.text
+    assert "variant default: no server answers" in caplog.text and "is a file" in caplog.text
+
+
 # --- through a real server -----------------------------------------------------------------------------------
 
 
