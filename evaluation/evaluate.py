@@ -227,10 +227,11 @@ class _Scorer:
         self.options, self.progress = options, progress
         self.lock = threading.Lock()
         self.futures: list[Future] = []
+        self.stopped = False
         if options.score_workers > 1:
             import multiprocessing
 
-            self.pool: Executor = ProcessPoolExecutor(options.score_workers,
+            self.pool: Executor = ProcessPoolExecutor(options.score_workers, initializer=_ignore_interrupts,
                                                       mp_context=multiprocessing.get_context("spawn"))
         else:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
@@ -244,6 +245,8 @@ class _Scorer:
             self.futures.append(future)
 
     def _settle(self, case: str, done: Future) -> None:
+        if self.stopped:  # interrupted: the scans cancelled or cut off are not failures to report
+            return
         result = self.results[case]
         try:
             result.scores = done.result()
@@ -264,12 +267,39 @@ class _Scorer:
                 self.progress(result)
 
     def wait(self, cancel: bool = False) -> None:
-        """Block until the scans submitted are settled (`cancel`: those not started are dropped)."""
-        self.pool.shutdown(wait=True, cancel_futures=cancel)
+        """Block until the scans submitted are settled (`cancel`: those not started are dropped). Interrupted
+        (Ctrl-C), the workers are stopped (`stop`) and KeyboardInterrupt goes on."""
+        try:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+        except KeyboardInterrupt:
+            self.stop()
+            raise
         with self.lock:
             futures = list(self.futures)
         for future in futures:  # the done-callbacks have run: futures are settled before shutdown returns
             future.exception()
+
+
+    def stop(self) -> None:
+        """Drop the scans not started and end the worker processes now (after Ctrl-C). Without this an
+        interrupted pool of processes kept the interpreter waiting for them at exit, for ever (seen with
+        --score-workers 2). A scoring thread cannot be stopped: it finishes its scan (at most ~1 min)."""
+        self.stopped = True
+        # no public way before Python 3.14 (terminate_workers); shutdown() forgets them, so take them first
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+
+
+def _ignore_interrupts() -> None:
+    """Scoring processes leave Ctrl-C to the main process (which stops them): the terminal sends SIGINT to
+    the whole process group, and each worker would print its own traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def evaluate_variant(pairs: Sequence[Pair], variant: Variant, out_dir: Path, options: EvaluationOptions,
@@ -296,6 +326,9 @@ def evaluate_variant(pairs: Sequence[Pair], variant: Variant, out_dir: Path, opt
                     scorer.submit(pair.case, prediction, None)
         else:
             segmented = _segment(pairs, variant, out_dir / PREDICTIONS / variant.name, options, scorer)
+    except KeyboardInterrupt:
+        scorer.stop()
+        raise
     except BaseException:
         scorer.wait(cancel=True)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -301,6 +302,24 @@ def test_evaluate_keeps_an_output_folder_consistent_and_earlier_results_when_not
     assert main(["evaluate", ds, "-o", str(out / "metrics.csv"), "-q", "--predictions", empty]) == 2
     assert "no scan was scored" in caplog.text and "127.0.0.1:1: no server answers" not in caplog.text
     assert "variant default: no server answers" in caplog.text and "is a file" in caplog.text
+
+
+def test_an_interrupted_scorer_ends_its_worker_processes_at_once(tmp_path: Path) -> None:
+    """Ctrl-C with --score-workers 2 left the interpreter waiting for its workers at exit, for ever."""
+    from evaluation.datasets import Pair
+    from evaluation.evaluate import _Scorer
+
+    truth = save(box_mask((2, 2, 2), (8, 8, 8)) * np.uint8(LABEL["liver"]), tmp_path / "t.nii.gz")
+    reported: list[object] = []
+    scorer = _Scorer([Pair("c1", truth, truth)], EvaluationOptions(score_workers=2), reported.append)
+    scorer.submit("c1", truth, None)
+    processes = list(scorer.pool._processes.values())  # type: ignore[attr-defined]
+    assert processes
+    scorer.stop()
+    deadline = time.monotonic() + 10  # the pool's own thread may be the one reaping them, a moment later
+    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(p.is_alive() for p in processes) and reported == [], [(p, p.exitcode) for p in processes]
 
 
 # --- through a real server -----------------------------------------------------------------------------------
