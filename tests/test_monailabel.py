@@ -200,6 +200,10 @@ def test_serve_refuses_an_exposed_server_without_token(tmp_path: Path, monkeypat
         serve.read_token(shared)
     shared.chmod(0o600)
     assert serve.read_token(shared) == "abc"
+    with pytest.raises(ValueError, match="no such token file"):
+        serve.read_token(tmp_path / "missing")
+    assert serve.main(["--studies", str(shared), "--dry-run"]) == 2  # a file, not a folder
+    assert serve.main(["--studies", str(tmp_path), "--port", "70000", "--dry-run"]) == 2
 
 
 # --- the real MONAI Label server in front of the real tritonserver ------------------------------------------
