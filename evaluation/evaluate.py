@@ -40,7 +40,7 @@ from client.inputs import discover
 from client.outputs import NiftiLabelMapWriter, atomic_write, plan_outputs
 from clinical import structures
 from evaluation.datasets import Pair
-from evaluation.merge import same_grid
+from evaluation.merge import same_grid, volume_shape
 from evaluation.metrics import CASES, DEFAULT_TOLERANCE_MM, StructureScore, score_label_maps
 from wholebody.contract import RESOLUTIONS, VARIANTS
 
@@ -160,14 +160,14 @@ def read_label_map(path: Path) -> nib.Nifti1Image:
         image = nib.load(path)
     except Exception as exc:  # nibabel raises many types for unreadable files
         raise EvaluationError(f"{path}: cannot be read as NIfTI ({exc}); replace the file") from None
-    if len(image.shape) != 3:
-        raise EvaluationError(f"{path}: {len(image.shape)}-D image; a label map is 3-D")
+    if len(volume_shape(image)) != 3:  # [X, Y, Z, 1] is taken as [X, Y, Z]
+        raise EvaluationError(f"{path}: {len(image.shape)}-D image {list(image.shape)}; a label map is 3-D")
     return image
 
 
 def label_values(image: nib.Nifti1Image, path: Path) -> np.ndarray:
     """[X, Y, Z] uint8 labels of `image`; EvaluationError when its values are not integers 0..104."""
-    data = np.asanyarray(image.dataobj)
+    data = np.asanyarray(image.dataobj).reshape(volume_shape(image))
     top = len(structures.label_names()) - 1
     if data.dtype == np.uint8 and int(data.max(initial=0)) <= top:
         return data

@@ -135,8 +135,17 @@ class _Mask:
 
 def same_grid(image: nib.Nifti1Image, ct: nib.Nifti1Image) -> bool:
     """Whether two images share one voxel grid: equal shapes, affines equal to AFFINE_TOLERANCE_MM."""
-    return tuple(image.shape) == tuple(ct.shape) and np.allclose(image.affine, ct.affine, rtol=0,
-                                                                  atol=AFFINE_TOLERANCE_MM)
+    return volume_shape(image) == volume_shape(ct) and np.allclose(image.affine, ct.affine, rtol=0,
+                                                                    atol=AFFINE_TOLERANCE_MM)
+
+
+def volume_shape(image: nib.Nifti1Image) -> tuple[int, ...]:
+    """The image's shape without trailing dimensions of size 1: [X, Y, Z, 1] (a 3-D volume some tools save
+    with a time or channel axis of one) is [X, Y, Z]."""
+    shape = tuple(int(n) for n in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def _read_mask(path: Path, label: int, ct: nib.Nifti1Image) -> _Mask:
@@ -149,7 +158,7 @@ def _read_mask(path: Path, label: int, ct: nib.Nifti1Image) -> _Mask:
             f"{path}: grid {list(image.shape)} / affine {np.round(image.affine[:3], 3).tolist()} differs from "
             f"{ct.get_filename()}'s {list(ct.shape)} / {np.round(ct.affine[:3], 3).tolist()}; resample the mask onto "
             "ct.nii.gz's grid (nearest neighbour) or use the CT it was made from")
-    mask, note = _binarise(np.asanyarray(image.dataobj), path)
+    mask, note = _binarise(np.asanyarray(image.dataobj).reshape(volume_shape(image)), path)
     axes = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
     if any(len(a) == 0 for a in axes):
         return _Mask(label, (slice(0, 0),) * 3, np.zeros((0, 0, 0), bool), 0, note)
@@ -218,7 +227,7 @@ def merge_subject(subject: Path, output: Path | None, rule: str = "smaller") -> 
         ct = nib.load(ct_path)  # header and affine only: the CT's voxels are never read
     except Exception as exc:
         raise MergeError(f"{ct_path}: cannot be read as NIfTI ({exc}); replace the file") from None
-    if len(ct.shape) != 3:
+    if len(volume_shape(ct)) != 3:
         raise MergeError(f"{ct_path}: {len(ct.shape)}-D image, a CT volume is 3-D; give the 3-D CT")
     report = MergeReport(subject=subject, output=output, rule=rule)
     masks: list[_Mask] = []
@@ -255,8 +264,8 @@ def merge_subject(subject: Path, output: Path | None, rule: str = "smaller") -> 
 
     # paint in an order such that the rule's winner comes last
     order = sorted(masks, key=(lambda m: (-m.voxels, m.label)) if rule == "smaller" else (lambda m: m.label))
-    labels = np.zeros(ct.shape, np.uint8)
-    claims = np.zeros(ct.shape, np.uint8)  # masks claiming each voxel (saturating at 255 is never reached: 104)
+    labels = np.zeros(volume_shape(ct), np.uint8)
+    claims = np.zeros(volume_shape(ct), np.uint8)  # masks claiming each voxel (saturating at 255 is never reached: 104)
     for mask in order:
         region, counted = labels[mask.box], claims[mask.box]
         owners = region[mask.inside]

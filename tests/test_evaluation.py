@@ -129,9 +129,12 @@ def test_merge_refuses_bad_masks_and_outputs_in_one_line_and_writes_nothing(
     liver = box_mask((2, 2, 2), (4, 4, 4))
     soft = liver.astype(np.float32) * 0.8
     soft[2, 2, 2] = 0.3
-    folder = subject(tmp_path / "s", {"liver": soft, "spleen": liver * 255, "livr": liver})
+    folder = subject(tmp_path / "s", {"liver": soft, "spleen": liver * 255, "livr": liver,
+                                      "aorta": box_mask((12, 2, 2), (2, 2, 2))[..., None]})  # [X, Y, Z, 1]: 3-D
     report = merge_subject(folder, tmp_path / "ok.nii.gz")  # a soft mask and a 0/255 mask are binarised, noted
-    assert report.present == [LABEL["spleen"], LABEL["liver"]] and set(report.not_binary) == {"liver", "spleen"}
+    assert report.present == [LABEL["spleen"], LABEL["liver"], LABEL["aorta"]]
+    assert set(report.not_binary) == {"liver", "spleen"}
+    (folder / "segmentations" / "aorta.nii.gz").unlink()
     assert "did you mean liver" in report.left_out["livr"]
     out = tmp_path / "out.nii.gz"
     for bad, match in ((liver * np.uint8(3) + box_mask((0, 0, 0), (1, 1, 1)), r"a label map, not one structure"),
@@ -290,6 +293,7 @@ def test_evaluate_keeps_an_output_folder_consistent_and_earlier_results_when_not
     assert main(["evaluate", ds, "-o", str(out), "-q", "--compare", f"folder={empty},name=a",
                  f"folder={empty},name=b"]) == 0
     assert (out / "comparison.csv").exists()
+    save(np.zeros((*SHAPE, 1), np.uint8), tmp_path / "empty_seg" / "c1_seg.nii.gz")  # [X, Y, Z, 1] is 3-D
     assert main(["evaluate", ds, "-o", str(out), "-q", "--predictions", empty]) == 0
     assert not (out / "comparison.csv").exists()  # the earlier run's table would contradict evaluation.json
     document = json.loads((out / "evaluation.json").read_text())  # strict JSON: NaN written as null
