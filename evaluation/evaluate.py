@@ -340,21 +340,24 @@ def _segment(pairs: Sequence[Pair], variant: Variant, pred_dir: Path, options: E
              scorer: _Scorer) -> int:
     """Segment the pairs' images through `variant`'s servers with the cohort runner, handing each finished
     scan to `scorer`. Returns the number of scans segmented (not resumed)."""
-    found = discover([p.image for p in pairs])
-    case_of = {os.path.realpath(p.image): p.case for p in pairs}
+    # one image may be the image of several cases (a list file scoring two readers' labels of one CT): it is
+    # segmented once and its prediction scored against each case's label
+    cases_of: dict[str, list[str]] = {}
+    for pair in pairs:
+        cases_of.setdefault(os.path.realpath(pair.image), []).append(pair.case)
+    found = discover(list(dict.fromkeys(p.image for p in pairs)))
     scans_of: dict[str, list] = {}
     for scan in found.scans:
-        case = case_of.get(os.path.realpath(scan.source))
-        if case is not None:
+        for case in cases_of.get(os.path.realpath(scan.source), []):
             scans_of.setdefault(case, []).append(scan)
-    scans = []
+    scans: list = []
     for pair in pairs:
         got = scans_of.get(pair.case, [])
         if len(got) != 1:
             problem = next((p for p in found.problems if str(pair.image) in p), None)
             scorer.fail(pair.case, problem or f"{pair.image}: {len(got)} CT scans in it; an image must be one CT (a "
                                               "NIfTI file or a folder of one DICOM series)")
-        else:
+        elif not any(got[0] is scan for scan in scans):
             scans.append(got[0])
     if not scans:
         return 0
@@ -363,18 +366,18 @@ def _segment(pairs: Sequence[Pair], variant: Variant, pred_dir: Path, options: E
         plan = plan_outputs(scans, pred_dir, writers, SUFFIX)
     except ValueError as exc:
         raise EvaluationError(str(exc)) from None
-    case_of_output = {str(paths[0]): case_of[os.path.realpath(scan.source)] for scan, paths in plan.items()}
+    cases_of_output = {str(paths[0]): cases_of[os.path.realpath(scan.source)] for scan, paths in plan.items()}
     cohort_options = CohortOptions(
         output_dir=pred_dir, resolution=variant.resolution, network=variant.network, overwrite=options.overwrite,
         jobs=options.jobs, timeout_s=options.timeout_s, use_shared_memory=options.use_shared_memory,
         max_attempts=options.max_attempts, command=options.command)
 
     def on_record(record: Record) -> None:
-        case = case_of_output[record.outputs[0]]
-        if record.status in ("done", "skipped") and not record.missing_outputs:
-            scorer.submit(case, Path(record.outputs[0]), record.seconds if record.status == "done" else None)
-        else:
-            scorer.fail(case, record.error or f"{record.input}: not segmented")
+        for case in cases_of_output[record.outputs[0]]:
+            if record.status in ("done", "skipped") and not record.missing_outputs:
+                scorer.submit(case, Path(record.outputs[0]), record.seconds if record.status == "done" else None)
+            else:
+                scorer.fail(case, record.error or f"{record.input}: not segmented")
 
     summary = run_cohort(plan, list(variant.urls), cohort_options, writers, on_record=on_record)
     if summary.stopped is not None:

@@ -376,6 +376,19 @@ def test_ground_truth_equal_to_the_served_result_scores_dice_one(
     assert result.segmented == 0 and result.scans[0].error is None
     assert compare(result, result)["mean_difference"] == 0.0
 
+    # one image, two readers' labels (a list file): segmented once, scored against each
+    other = served.astype(np.uint8)
+    other[other == other.max()] = 0
+    save(other, tmp_path / "reader_b.nii.gz", image.affine)
+    (tmp_path / "pairs.csv").write_text(f"{small_real_ct},{ds / 'labelsTr' / 'abdomen.nii.gz'}\n"
+                                        f"{small_real_ct},reader_b.nii.gz\n")
+    out2 = tmp_path / "eval2"
+    assert main(["evaluate", str(tmp_path / "pairs.csv"), "-o", str(out2), "-u", server.grpc_url,
+                 "--resolution", "lowres", "-q"]) == 0
+    (variant,) = json.loads((out2 / "evaluation.json").read_text())["variants"]
+    assert (variant["segmented"], variant["scored"], variant["failed"]) == (1, 2, 0)
+    assert [s["mean_dice"] < 1.0 for s in variant["per_scan"]] == [False, True]
+
 
 def test_evaluate_names_a_ground_truth_on_another_grid_or_out_of_range_and_scores_the_rest(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
