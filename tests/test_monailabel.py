@@ -350,6 +350,9 @@ def test_hostile_ids_headers_and_params_are_4xx_and_leave_nothing_behind(monaila
     answer = requests.post(f"{url}/infer/wholebody_lowres", params={"image": "hostile"}, data={"params": "{oops"},
                            headers=auth, timeout=60)
     assert answer.status_code == 400 and "not JSON" in answer.json()["detail"], answer.text
+    answer = requests.post(f"{url}/infer/wholebody_lowres", params={"image": "hostile", "output": "dicom_seg"},
+                           data={"params": "{}"}, headers=auth, timeout=60)
+    assert answer.status_code == 400 and "dicom-seg" in answer.json()["detail"], answer.text
     corrupt = _patched_nifti(tmp_path / "corrupt.nii", 42, "<h", -5)
     two_d = tmp_path / "two_d.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), two_d)

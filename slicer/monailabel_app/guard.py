@@ -104,6 +104,10 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     reason = protocol.refused_route(method, path)
     if reason:
         return await _answer(send, 403, {"detail": reason})
+    if path.startswith("/infer") and "dicom_seg" in parse_qs(scope.get("query_string", b"").decode("latin-1")).get(
+            "output", []):  # MONAI Label answers it with a 500: it makes DICOM-SEG only from a DICOMweb datastore
+        return await _answer(send, 400, {"detail": "output=dicom_seg needs a DICOMweb datastore; ask for output=image "
+                                                   "or all, or use python -m client --output-type dicom-seg"})
     refusal = protocol.body_refusal(method, headers.get("content-length"),
                                     "chunked" in headers.get("transfer-encoding", "").lower(), MAX_BODY)
     if refusal:
