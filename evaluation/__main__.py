@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from evaluation.merge import MergeError, merge_subject, subjects_under
+    from evaluation.merge import MergeError, subjects_under
 
     if not args.subject.is_dir():
         log.error("error: %s is not a folder; give a subject folder (ct.nii.gz, segmentations/) or a dataset root",
@@ -146,30 +146,72 @@ def _merge(args: argparse.Namespace) -> int:
                   args.subject)
         return 2
     single = subjects == [args.subject]
+    if (problem := _output_problem(args.output, args.report, single)) is not None:
+        log.error("error: %s", problem)
+        return 2
     reports, failed = [], 0
-    for subject in tqdm(subjects, unit="subject", disable=args.quiet or single, file=sys.stderr):
-        output = args.output if single else args.output / "labelsTr" / f"{subject.name}.nii.gz"
-        try:
-            report = merge_subject(subject, output, args.overlap)
-        except (MergeError, OSError) as exc:
-            log.error("error: %s", exc)
-            failed += 1
-            continue
-        if not single:
-            _link_image(subject, args.output / "imagesTr" / f"{subject.name}.nii.gz")
-        reports.append(report)
-        if not args.quiet:
-            for line in report.lines():
-                tqdm.write(line, file=sys.stdout)
+    try:
+        for subject in tqdm(subjects, unit="subject", disable=args.quiet or single, file=sys.stderr):
+            try:
+                report = _merge_one(subject, args.output, single, args.overlap)
+            except (MergeError, OSError) as exc:
+                log.error("error: %s", exc)
+                failed += 1
+                continue
+            reports.append(report)
+            if not args.quiet:
+                for line in report.lines():
+                    tqdm.write(line, file=sys.stdout)
+    except KeyboardInterrupt:  # the label being written was a temporary, removed by the atomic writer
+        log.error("interrupted after %d of %d subjects (each written whole or not at all); rerun to finish",
+                  len(reports) + failed, len(subjects))
+        return 130
     if args.report is not None:
         from wholebody import atomic
 
-        args.report.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps([r.to_json() for r in reports], indent=1).encode()
-        atomic.atomic_write(args.report, lambda s: s.write(text))
+        try:
+            args.report.parent.mkdir(parents=True, exist_ok=True)
+            atomic.atomic_write(args.report, lambda s: s.write(text))
+        except OSError as exc:
+            log.error("error: %s: the report cannot be written (%s); choose another --report", args.report,
+                      exc.strerror or exc)
+            failed += 1
     overlapping = sum(bool(r.overlaps) for r in reports)
     print(f"{len(reports)} merged, {failed} failed; {overlapping} with overlaps (rule {args.overlap})", file=sys.stdout)
     return 1 if failed else 0
+
+
+def _output_problem(output: Path, report: Path | None, single: bool) -> str | None:
+    """Why -o/--report cannot be used (checked before any subject is read), or None."""
+    if single and output.is_dir():
+        return f"-o {output} is a folder; for one subject give the label file, e.g. {output / 'labels.nii.gz'}"
+    if single and not output.name.lower().endswith((".nii.gz", ".nii")):
+        return f"-o {output}: a label file ends in .nii.gz (or .nii); e.g. {output.name}.nii.gz"
+    if not single and output.exists() and not output.is_dir():
+        return (f"-o {output} is a file; for a dataset root give a folder (it receives imagesTr/ and labelsTr/)")
+    if report is not None and report.is_dir():
+        return f"--report {report} is a folder; give a file name, e.g. {report / 'merge.json'}"
+    return None
+
+
+def _merge_one(subject: Path, output: Path, single: bool, rule: str) -> object:
+    """Merge one subject; for a dataset root also link imagesTr/<subject>.nii.gz, so that the dataset never
+    holds a label without its image or the reverse (a failed or interrupted merge removes a link it made)."""
+    from evaluation.merge import merge_subject
+
+    if single:
+        return merge_subject(subject, output, rule)
+    label = output / "labelsTr" / f"{subject.name}.nii.gz"
+    link = output / "imagesTr" / f"{subject.name}.nii.gz"
+    made = not link.is_symlink() and not link.exists()
+    _link_image(subject, link)
+    try:
+        return merge_subject(subject, label, rule)
+    except BaseException:
+        if made and not label.exists():
+            link.unlink(missing_ok=True)
+        raise
 
 
 def _link_image(subject: Path, link: Path) -> None:
@@ -214,6 +256,9 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     )
 
     urls = args.url or [DEFAULT_URL]
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        log.error("error: -o %s is a file; give a folder for the metrics, plot and predictions", args.output_dir)
+        return 2
     labels = _labels(args.structures)
     if isinstance(labels, str):
         log.error("error: %s", labels)
@@ -239,6 +284,9 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
         log.error("error: %s", exc)
         return 2
     served = sorted({u for v in variants for u in v.urls})
+    if (down := _no_server(variants, args.timeout)) is not None:
+        log.error("error: %s", down)
+        return 2
     if served and (mismatch := check_label_names(served, args.timeout)) is not None:
         log.error("error: %s", mismatch)
         return 2
@@ -271,6 +319,11 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
         log.error("error: %s: %s; make room or fix the folder, then rerun", args.output_dir, exc)
         return 1
     result = EvaluationResult(str(args.dataset), options, results)
+    if not any(s.error is None for v in results for s in v.scans):
+        # e.g. no server answered: empty tables must not replace an earlier run's results in the same folder
+        log.error("error: no scan was scored (each failed, see above); the outputs in %s were left as they were",
+                  args.output_dir)
+        return 1
     try:
         paths = write_outputs(result, args.output_dir)
     except OSError as exc:
@@ -279,6 +332,29 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     _print_summary(result, [variant_summary(v, options) for v in results])
     print("outputs: " + ", ".join(str(p) for p in paths.values()), file=sys.stdout)
     return 1 if any(s.error for v in results for s in v.scans) else 0
+
+
+def _no_server(variants: Sequence[object], timeout_s: float | None) -> str | None:
+    """A one-line error when no server of some variant answers (checked before anything is written in -o:
+    a run that can segment nothing would only leave a manifest of failures there), else None. A variant
+    with some servers down goes on: the cohort runner sends their scans to the others."""
+    from client import SegmentationClient, SegmentationError
+
+    answers: dict[str, str | None] = {}
+    for variant in variants:
+        urls = getattr(variant, "urls", ())
+        for url in urls:
+            if url not in answers:
+                try:
+                    with SegmentationClient(url, timeout_s=timeout_s if timeout_s is not None else 30.0) as seg:
+                        seg.label_names()
+                    answers[url] = None
+                except SegmentationError as exc:
+                    answers[url] = str(exc)
+        if urls and all(answers[u] is not None for u in urls):
+            return (f"variant {getattr(variant, 'name', '?')}: no server answers ({answers[urls[0]]}); start one "
+                    f"or pass -u HOST:PORT (nothing was written)")
+    return None
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -40,7 +40,7 @@ from client.inputs import discover
 from client.outputs import NiftiLabelMapWriter, atomic_write, plan_outputs
 from clinical import structures
 from evaluation.datasets import Pair
-from evaluation.merge import same_grid
+from evaluation.merge import same_grid, volume_shape
 from evaluation.metrics import CASES, DEFAULT_TOLERANCE_MM, StructureScore, score_label_maps
 from wholebody.contract import RESOLUTIONS, VARIANTS
 
@@ -160,14 +160,14 @@ def read_label_map(path: Path) -> nib.Nifti1Image:
         image = nib.load(path)
     except Exception as exc:  # nibabel raises many types for unreadable files
         raise EvaluationError(f"{path}: cannot be read as NIfTI ({exc}); replace the file") from None
-    if len(image.shape) != 3:
-        raise EvaluationError(f"{path}: {len(image.shape)}-D image; a label map is 3-D")
+    if len(volume_shape(image)) != 3:  # [X, Y, Z, 1] is taken as [X, Y, Z]
+        raise EvaluationError(f"{path}: {len(image.shape)}-D image {list(image.shape)}; a label map is 3-D")
     return image
 
 
 def label_values(image: nib.Nifti1Image, path: Path) -> np.ndarray:
     """[X, Y, Z] uint8 labels of `image`; EvaluationError when its values are not integers 0..104."""
-    data = np.asanyarray(image.dataobj)
+    data = np.asanyarray(image.dataobj).reshape(volume_shape(image))
     top = len(structures.label_names()) - 1
     if data.dtype == np.uint8 and int(data.max(initial=0)) <= top:
         return data
@@ -227,10 +227,11 @@ class _Scorer:
         self.options, self.progress = options, progress
         self.lock = threading.Lock()
         self.futures: list[Future] = []
+        self.stopped = False
         if options.score_workers > 1:
             import multiprocessing
 
-            self.pool: Executor = ProcessPoolExecutor(options.score_workers,
+            self.pool: Executor = ProcessPoolExecutor(options.score_workers, initializer=_ignore_interrupts,
                                                       mp_context=multiprocessing.get_context("spawn"))
         else:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
@@ -244,6 +245,8 @@ class _Scorer:
             self.futures.append(future)
 
     def _settle(self, case: str, done: Future) -> None:
+        if self.stopped:  # interrupted: the scans cancelled or cut off are not failures to report
+            return
         result = self.results[case]
         try:
             result.scores = done.result()
@@ -264,12 +267,39 @@ class _Scorer:
                 self.progress(result)
 
     def wait(self, cancel: bool = False) -> None:
-        """Block until the scans submitted are settled (`cancel`: those not started are dropped)."""
-        self.pool.shutdown(wait=True, cancel_futures=cancel)
+        """Block until the scans submitted are settled (`cancel`: those not started are dropped). Interrupted
+        (Ctrl-C), the workers are stopped (`stop`) and KeyboardInterrupt goes on."""
+        try:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+        except KeyboardInterrupt:
+            self.stop()
+            raise
         with self.lock:
             futures = list(self.futures)
         for future in futures:  # the done-callbacks have run: futures are settled before shutdown returns
             future.exception()
+
+
+    def stop(self) -> None:
+        """Drop the scans not started and end the worker processes now (after Ctrl-C). Without this an
+        interrupted pool of processes kept the interpreter waiting for them at exit, for ever (seen with
+        --score-workers 2). A scoring thread cannot be stopped: it finishes its scan (at most ~1 min)."""
+        self.stopped = True
+        # no public way before Python 3.14 (terminate_workers); shutdown() forgets them, so take them first
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+
+
+def _ignore_interrupts() -> None:
+    """Scoring processes leave Ctrl-C to the main process (which stops them): the terminal sends SIGINT to
+    the whole process group, and each worker would print its own traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def evaluate_variant(pairs: Sequence[Pair], variant: Variant, out_dir: Path, options: EvaluationOptions,
@@ -296,6 +326,9 @@ def evaluate_variant(pairs: Sequence[Pair], variant: Variant, out_dir: Path, opt
                     scorer.submit(pair.case, prediction, None)
         else:
             segmented = _segment(pairs, variant, out_dir / PREDICTIONS / variant.name, options, scorer)
+    except KeyboardInterrupt:
+        scorer.stop()
+        raise
     except BaseException:
         scorer.wait(cancel=True)
         raise
@@ -307,21 +340,24 @@ def _segment(pairs: Sequence[Pair], variant: Variant, pred_dir: Path, options: E
              scorer: _Scorer) -> int:
     """Segment the pairs' images through `variant`'s servers with the cohort runner, handing each finished
     scan to `scorer`. Returns the number of scans segmented (not resumed)."""
-    found = discover([p.image for p in pairs])
-    case_of = {os.path.realpath(p.image): p.case for p in pairs}
+    # one image may be the image of several cases (a list file scoring two readers' labels of one CT): it is
+    # segmented once and its prediction scored against each case's label
+    cases_of: dict[str, list[str]] = {}
+    for pair in pairs:
+        cases_of.setdefault(os.path.realpath(pair.image), []).append(pair.case)
+    found = discover(list(dict.fromkeys(p.image for p in pairs)))
     scans_of: dict[str, list] = {}
     for scan in found.scans:
-        case = case_of.get(os.path.realpath(scan.source))
-        if case is not None:
+        for case in cases_of.get(os.path.realpath(scan.source), []):
             scans_of.setdefault(case, []).append(scan)
-    scans = []
+    scans: list = []
     for pair in pairs:
         got = scans_of.get(pair.case, [])
         if len(got) != 1:
             problem = next((p for p in found.problems if str(pair.image) in p), None)
             scorer.fail(pair.case, problem or f"{pair.image}: {len(got)} CT scans in it; an image must be one CT (a "
                                               "NIfTI file or a folder of one DICOM series)")
-        else:
+        elif not any(got[0] is scan for scan in scans):
             scans.append(got[0])
     if not scans:
         return 0
@@ -330,18 +366,18 @@ def _segment(pairs: Sequence[Pair], variant: Variant, pred_dir: Path, options: E
         plan = plan_outputs(scans, pred_dir, writers, SUFFIX)
     except ValueError as exc:
         raise EvaluationError(str(exc)) from None
-    case_of_output = {str(paths[0]): case_of[os.path.realpath(scan.source)] for scan, paths in plan.items()}
+    cases_of_output = {str(paths[0]): cases_of[os.path.realpath(scan.source)] for scan, paths in plan.items()}
     cohort_options = CohortOptions(
         output_dir=pred_dir, resolution=variant.resolution, network=variant.network, overwrite=options.overwrite,
         jobs=options.jobs, timeout_s=options.timeout_s, use_shared_memory=options.use_shared_memory,
         max_attempts=options.max_attempts, command=options.command)
 
     def on_record(record: Record) -> None:
-        case = case_of_output[record.outputs[0]]
-        if record.status in ("done", "skipped") and not record.missing_outputs:
-            scorer.submit(case, Path(record.outputs[0]), record.seconds if record.status == "done" else None)
-        else:
-            scorer.fail(case, record.error or f"{record.input}: not segmented")
+        for case in cases_of_output[record.outputs[0]]:
+            if record.status in ("done", "skipped") and not record.missing_outputs:
+                scorer.submit(case, Path(record.outputs[0]), record.seconds if record.status == "done" else None)
+            else:
+                scorer.fail(case, record.error or f"{record.input}: not segmented")
 
     summary = run_cohort(plan, list(variant.urls), cohort_options, writers, on_record=on_record)
     if summary.stopped is not None:
@@ -504,15 +540,14 @@ def metric_rows(result: EvaluationResult) -> list[dict[str, Any]]:
 
 def write_outputs(result: EvaluationResult, out_dir: Path) -> dict[str, Path]:
     """Write metrics.csv, structures.csv, evaluation.json, dice.png (and comparison.csv for two variants)
-    atomically into `out_dir`. Returns name -> path. Raises OSError when a file cannot be written."""
-    paths = {name: out_dir / name for name in ("metrics.csv", "structures.csv", "evaluation.json", "dice.png")}
-    atomic_write(paths["metrics.csv"], lambda s: s.write(_csv_text(metric_rows(result))))
+    atomically into `out_dir`; every file's bytes are made before the first is written, so a failure while
+    making them (the plot, say) leaves an earlier run's set as it was. Returns name -> path.
+
+    Raises:
+        OSError: a file cannot be written.
+    """
     structure_rows = [{"variant": v.variant.name, **row} for v in result.variants for row in structure_summary(v)]
-    atomic_write(paths["structures.csv"], lambda s: s.write(_csv_text(structure_rows)))
     comparison = compare(*result.variants) if len(result.variants) == 2 else None
-    if comparison is not None:
-        paths["comparison.csv"] = out_dir / "comparison.csv"
-        atomic_write(paths["comparison.csv"], lambda s: s.write(_csv_text(comparison["structures"])))
     document = {
         "dataset": result.dataset,
         "machine": socket.gethostname(),
@@ -528,8 +563,16 @@ def write_outputs(result: EvaluationResult, out_dir: Path) -> dict[str, Path]:
                      for v in result.variants],
         "comparison": comparison,
     }
-    atomic_write(paths["evaluation.json"], lambda s: s.write(json.dumps(_json_safe(document), indent=1).encode()))
-    atomic_write(paths["dice.png"], lambda s: s.write(plot_png(result)))
+    contents = {"metrics.csv": _csv_text(metric_rows(result)), "structures.csv": _csv_text(structure_rows)}
+    if comparison is not None:
+        contents["comparison.csv"] = _csv_text(comparison["structures"])
+    contents["evaluation.json"] = json.dumps(_json_safe(document), indent=1, allow_nan=False).encode()
+    contents["dice.png"] = plot_png(result)
+    paths = {name: out_dir / name for name in contents}
+    for name, data in contents.items():
+        atomic_write(paths[name], lambda stream, data=data: stream.write(data))
+    if comparison is None:  # an earlier --compare run's table would contradict this run's evaluation.json
+        (out_dir / "comparison.csv").unlink(missing_ok=True)
     return paths
 
 
@@ -577,13 +620,15 @@ def plot_png(result: EvaluationResult) -> bytes:
         ax.scatter([], [], s=20, color=colors[i % 10], label=result.variants[i].variant.name)
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels([names[label] for label in labels], fontsize=7)
-    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_ylim(max(len(labels), 1) - 0.5, -0.5)  # no structure scored (absent everywhere): an empty axis, no warning
+    if not labels:
+        ax.text(0.5, 0, "no structure present in any ground truth or prediction", ha="center", va="center")
     ax.set_xlim(-0.02, 1.02)
     ax.set_xlabel("Dice")
     ax.grid(axis="x", alpha=0.3)
     scans = max((sum(s.error is None for s in v.scans) for v in result.variants), default=0)
     ax.set_title(f"Dice per structure, {scans} scans of {Path(result.dataset).name}", fontsize=10)
-    if k > 1 or labels:
+    if labels:  # variants put a point in the legend only when they have a structure to show
         ax.legend(loc="lower left", fontsize=8, frameon=True)
     fig.tight_layout()
     stream = io.BytesIO()

@@ -84,6 +84,7 @@ class MergeReport:
     overlaps: dict[tuple[int, int], int] = field(default_factory=dict)
     multiple: int = 0  # voxels claimed by three or more masks
     rule: str = "smaller"
+    not_binary: dict[str, str] = field(default_factory=dict)  # mask name -> how its values were read
 
     def lines(self) -> list[str]:
         """The report for people, one finding per line."""
@@ -97,6 +98,8 @@ class MergeReport:
                                    for i in self.missing))
         if self.empty:
             out.append(f"  {len(self.empty)} empty masks: " + ", ".join(names[i] for i in self.empty))
+        for name, how in sorted(self.not_binary.items()):
+            out.append(f"  {name}: not a 0/1 mask ({how})")
         reasons: dict[str, list[str]] = {}
         for name, why in sorted(self.left_out.items()):
             reasons.setdefault(why, []).append(name)
@@ -117,7 +120,7 @@ class MergeReport:
             "present": [names[i] for i in self.present], "empty": [names[i] for i in self.empty],
             "missing": [names[i] for i in self.missing], "left_out": self.left_out,
             "overlaps": [{"a": names[a], "b": names[b], "voxels": n} for (a, b), n in sorted(self.overlaps.items())],
-            "multiple": self.multiple,
+            "multiple": self.multiple, "not_binary": self.not_binary,
         }
 
 
@@ -127,12 +130,22 @@ class _Mask:
     box: tuple[slice, ...]
     inside: np.ndarray  # bool, the mask within `box`
     voxels: int
+    note: str | None = None  # why the file was not a plain 0/1 mask (`_binarise`)
 
 
 def same_grid(image: nib.Nifti1Image, ct: nib.Nifti1Image) -> bool:
     """Whether two images share one voxel grid: equal shapes, affines equal to AFFINE_TOLERANCE_MM."""
-    return tuple(image.shape) == tuple(ct.shape) and np.allclose(image.affine, ct.affine, rtol=0,
-                                                                  atol=AFFINE_TOLERANCE_MM)
+    return volume_shape(image) == volume_shape(ct) and np.allclose(image.affine, ct.affine, rtol=0,
+                                                                    atol=AFFINE_TOLERANCE_MM)
+
+
+def volume_shape(image: nib.Nifti1Image) -> tuple[int, ...]:
+    """The image's shape without trailing dimensions of size 1: [X, Y, Z, 1] (a 3-D volume some tools save
+    with a time or channel axis of one) is [X, Y, Z]."""
+    shape = tuple(int(n) for n in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def _read_mask(path: Path, label: int, ct: nib.Nifti1Image) -> _Mask:
@@ -145,13 +158,41 @@ def _read_mask(path: Path, label: int, ct: nib.Nifti1Image) -> _Mask:
             f"{path}: grid {list(image.shape)} / affine {np.round(image.affine[:3], 3).tolist()} differs from "
             f"{ct.get_filename()}'s {list(ct.shape)} / {np.round(ct.affine[:3], 3).tolist()}; resample the mask onto "
             "ct.nii.gz's grid (nearest neighbour) or use the CT it was made from")
-    mask = np.asanyarray(image.dataobj) > MASK_THRESHOLD
+    mask, note = _binarise(np.asanyarray(image.dataobj).reshape(volume_shape(image)), path)
     axes = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
     if any(len(a) == 0 for a in axes):
-        return _Mask(label, (slice(0, 0),) * 3, np.zeros((0, 0, 0), bool), 0)
+        return _Mask(label, (slice(0, 0),) * 3, np.zeros((0, 0, 0), bool), 0, note)
     box = tuple(slice(int(a[0]), int(a[-1]) + 1) for a in axes)
     inside = np.ascontiguousarray(mask[box])
-    return _Mask(label, box, inside, int(inside.sum()))
+    return _Mask(label, box, inside, int(inside.sum()), note)
+
+
+def _binarise(data: np.ndarray, path: Path) -> tuple[np.ndarray, str | None]:
+    """[X, Y, Z] bool mask (> MASK_THRESHOLD) of a mask file's voxels, and a note when they were not 0/1.
+
+    0/1 masks (TotalSegmentator's uint8) pass as they are. A soft mask (floats within 0..1, e.g.
+    probabilities) and a mask of 0 and one other value (0/255) are binarised at > MASK_THRESHOLD, with a
+    note for the report.
+
+    Raises:
+        MergeError: NaN or negative values, or several different non-zero values (a label map of many
+            structures, not one structure's mask: binarising it would give all of them one label).
+    """
+    floating = np.issubdtype(data.dtype, np.floating)
+    if floating and np.isnan(data).any():
+        raise MergeError(f"{path}: NaN values in the mask; replace the file with a 0/1 mask")
+    low, high = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    if low < 0:
+        raise MergeError(f"{path}: negative values ({low:g}) in the mask; a mask holds 0 and 1, replace the file")
+    if high <= 1 and (not floating or np.all((data == 0) | (data == 1))):
+        return data > MASK_THRESHOLD, None
+    if high <= 1:
+        return data > MASK_THRESHOLD, f"soft mask, values {low:g}..{high:g}, binarised at > {MASK_THRESHOLD:g}"
+    if np.count_nonzero(data) == np.count_nonzero(data == high):
+        return data > MASK_THRESHOLD, f"values 0 and {high:g}, taken as 0/1"
+    raise MergeError(f"{path}: values {low:g}..{high:g}, several different non-zero values: a label map, not one "
+                     "structure's mask; give one 0/1 mask per structure (TotalSegmentator's segmentations/), or use "
+                     "a label map in the bundle's order directly as ground truth (python -m evaluation evaluate)")
 
 
 def merge_subject(subject: Path, output: Path | None, rule: str = "smaller") -> MergeReport:
@@ -166,13 +207,19 @@ def merge_subject(subject: Path, output: Path | None, rule: str = "smaller") -> 
         The report; the label map written is [X, Y, Z] uint8 with ct.nii.gz's shape, affine and header,
         values 0..104 in the bundle's order.
     Raises:
-        MergeError: no ct.nii.gz or segmentations/, an unreadable mask, a mask on another grid, or overlaps
-            with rule "refuse" (nothing written).
-        OSError: the output cannot be written.
+        MergeError: no ct.nii.gz or segmentations/, no mask named after a bundle structure, an unreadable
+            mask, a mask on another grid, a mask that is a label map or holds NaN or negative values, overlaps
+            with rule "refuse", an output that is the subject's CT or in its segmentations/, or an output that
+            cannot be written (nothing written in each case).
     """
     if rule not in OVERLAP_RULES:
         raise ValueError(f"unknown overlap rule {rule!r}; choose one of {OVERLAP_RULES}")
     ct_path, masks_dir = subject / CT_NAME, subject / MASKS_FOLDER
+    if output is not None:
+        check_output(subject, output)
+    if masks_dir.is_dir() and not ct_path.is_file():
+        raise MergeError(f"{ct_path}: missing; put the CT the masks were made from there (the label map takes its "
+                         "grid and header)")
     if not ct_path.is_file() or not masks_dir.is_dir():
         raise MergeError(f"{subject}: not a TotalSegmentator subject folder (needs {CT_NAME} and {MASKS_FOLDER}/); "
                          "give the folder holding both")
@@ -180,7 +227,7 @@ def merge_subject(subject: Path, output: Path | None, rule: str = "smaller") -> 
         ct = nib.load(ct_path)  # header and affine only: the CT's voxels are never read
     except Exception as exc:
         raise MergeError(f"{ct_path}: cannot be read as NIfTI ({exc}); replace the file") from None
-    if len(ct.shape) != 3:
+    if len(volume_shape(ct)) != 3:
         raise MergeError(f"{ct_path}: {len(ct.shape)}-D image, a CT volume is 3-D; give the 3-D CT")
     report = MergeReport(subject=subject, output=output, rule=rule)
     masks: list[_Mask] = []
@@ -192,24 +239,33 @@ def merge_subject(subject: Path, output: Path | None, rule: str = "smaller") -> 
         name = path.name.removesuffix(".gz").removesuffix(".nii")
         label = bundle_label(name)
         if label is None:
-            report.left_out[name] = table["without_v1_label"].get(
-                name, "not a TotalSegmentator structure name the bundle knows (clinical/structures.json)")
+            report.left_out[name] = table["without_v1_label"].get(name) or _unknown_name(name)
             continue
         if label in found:
             raise MergeError(f"{path}: a second mask for {name}; keep one of {name}.nii.gz and {name}.nii")
         found.add(label)
         mask = _read_mask(path, label, ct)
+        if mask.note:
+            report.not_binary[name] = mask.note
         if mask.voxels:
             masks.append(mask)
         else:
             report.empty.append(label)
+    if not found:  # an all-zero label map would pass as ground truth in which every structure is absent
+        files = sorted(report.left_out)
+        raise MergeError(
+            f"{masks_dir}: " + (f"none of its {len(files)} masks is named after a bundle structure ({files[0]}: "
+                                f"{report.left_out[files[0]]}); name them as TotalSegmentator does "
+                                "(clinical/structures.json)" if files else
+                                "no masks (.nii.gz) in it; run TotalSegmentator into it "
+                                "(TotalSegmentator -i ct.nii.gz -o segmentations) or give the right folder"))
     report.missing = [i for i in range(1, len(structures.label_names())) if i not in found]
     report.empty.sort()
 
     # paint in an order such that the rule's winner comes last
     order = sorted(masks, key=(lambda m: (-m.voxels, m.label)) if rule == "smaller" else (lambda m: m.label))
-    labels = np.zeros(ct.shape, np.uint8)
-    claims = np.zeros(ct.shape, np.uint8)  # masks claiming each voxel (saturating at 255 is never reached: 104)
+    labels = np.zeros(volume_shape(ct), np.uint8)
+    claims = np.zeros(volume_shape(ct), np.uint8)  # masks claiming each voxel (saturating at 255 is never reached: 104)
     for mask in order:
         region, counted = labels[mask.box], claims[mask.box]
         owners = region[mask.inside]
@@ -228,12 +284,43 @@ def merge_subject(subject: Path, output: Path | None, rule: str = "smaller") -> 
         raise MergeError(f"{masks_dir}: {len(report.overlaps)} pairs of masks overlap (largest: {names[a]} & "
                          f"{names[b]}, {n} voxels); fix the masks or choose --overlap smaller or later")
     if output is not None:
-        write_nifti(label_map_image(labels, ct), output)
+        try:
+            write_nifti(label_map_image(labels, ct), output)
+        except OSError as exc:  # the atomic writer's message names its temporary file, not the output
+            raise MergeError(f"{output}: cannot be written ({exc.strerror or exc}); choose a writable -o with room "
+                             "for it") from None
     return report
 
 
+def _unknown_name(name: str) -> str:
+    """The report's reason for a mask name the bundle does not know, with the closest known names."""
+    import difflib
+
+    close = difflib.get_close_matches(name, structures.label_names()[1:], n=2, cutoff=0.75)
+    return ("not a TotalSegmentator structure name the bundle knows (clinical/structures.json)"
+            + (f"; did you mean {' or '.join(close)}?" if close else ""))
+
+
+def check_output(subject: Path, output: Path) -> None:
+    """Refuse an output path that would overwrite the subject's own files.
+
+    Raises:
+        MergeError: `output` is the subject's ct.nii.gz or lies in its segmentations/ (read as a mask next time).
+    """
+    target = output.resolve()
+    if target == (subject / CT_NAME).resolve():
+        raise MergeError(f"{output}: is the subject's CT, which the label map would replace; give another -o "
+                         f"(e.g. {subject.name}_labels.nii.gz)")
+    if (subject / MASKS_FOLDER).resolve() in target.parents:
+        raise MergeError(f"{output}: inside {subject / MASKS_FOLDER}/, where a rerun would read it as a mask; give "
+                         f"an -o outside it (e.g. {subject.name}_labels.nii.gz)")
+
+
 def subjects_under(root: Path) -> list[Path]:
-    """`root` itself when it is a subject folder, else its sub-folders that are, sorted (the dataset)."""
+    """`root` itself when it is a subject folder, else its sub-folders that are, sorted (the dataset). A
+    sub-folder with segmentations/ but no ct.nii.gz counts too, so that its merge names what is missing
+    instead of the subject silently dropping out of the dataset."""
     if (root / CT_NAME).is_file():
         return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / CT_NAME).is_file())
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and ((p / CT_NAME).is_file() or (p / MASKS_FOLDER).is_dir()))

@@ -101,21 +101,49 @@ def check_image_id(image_id: str) -> str:
     return image_id
 
 
+def check_session_id(session_id: str) -> str:
+    """A session id (MONAI Label makes a UUID; it names a folder in the sessions folder): the plain-id rule of
+    `check_image_id`. Raises RequestError(400) otherwise."""
+    if not _IMAGE_ID.fullmatch(session_id) or ".." in session_id:
+        raise RequestError(400, f"session id {session_id[:80]!r} is not one this server made; create a session "
+                                "with PUT /session/ and use the session_id it returns")
+    return session_id
+
+
+def check_label_tag(tag: str) -> str:
+    """A label tag of PUT /datastore/label (default "final"; it names a folder in the studies' labels/): the
+    plain-id rule of `check_image_id`. Raises RequestError(400) otherwise."""
+    if not _IMAGE_ID.fullmatch(tag) or ".." in tag:
+        raise RequestError(400, f"label tag {tag[:80]!r} must be 1-128 letters, digits, '.', '_' or '-', starting "
+                                "with a letter or digit (e.g. final)")
+    return tag
+
+
 def read_header(path: Path, name: str | None = None) -> Header:
     """The NIfTI header of an uploaded or stored CT; `name` (default: the file's) names it in errors.
 
-    Raises RequestError(400): not a 3-D NIfTI volume."""
+    Raises RequestError(400): not a 3-D NIfTI volume, or a header with a dimension below 1 or a NaN or
+    singular voxel geometry."""
     path = Path(path)
     name = name or path.name
     if path.is_dir() or not path.name.lower().endswith(UPLOAD_SUFFIXES):
         raise RequestError(400, f"{name}: upload one NIfTI CT (.nii or .nii.gz); DICOM series: convert them "
                                 "first (e.g. dcm2niix) or use python -m client")
     try:
-        return FORMATS[0].read_header(path)
+        header = FORMATS[0].read_header(path)
     except ScanError as exc:
         raise RequestError(400, f"{name}: {exc}") from None
     except (OSError, EOFError, ValueError) as exc:
         raise RequestError(400, f"{name}: not a readable NIfTI file ({exc})") from None
+    # the client's reader takes the header's numbers as they are: a dimension of 0 or below, or a NaN or
+    # singular geometry (pixdim 0), would only fail later, inside infer, as a server error
+    if min(header.shape) < 1:
+        raise RequestError(400, f"{name}: corrupt header: shape {list(header.shape)} (a dimension below 1); "
+                                "re-export the CT")
+    if not np.isfinite(header.affine).all() or abs(float(np.linalg.det(header.affine[:3, :3]))) < 1e-12:
+        raise RequestError(400, f"{name}: corrupt header: voxel geometry (pixdim or orientation) is NaN or zero; "
+                                "re-export the CT")
+    return header
 
 
 def check_size(header: Header, limits: ServerLimits, resolution: str | None) -> None:
@@ -200,7 +228,12 @@ def segment(image: Path, model: str, params: Mapping[str, object], url: str, tim
             if seg.label_names() != structures.label_names():
                 raise RequestError(502, f"the Triton server at {url} names its labels differently from "
                                         "clinical/structures.json; serve this project's model repository")
-            volume = FORMATS[0].read_volume(Path(image))
+            try:
+                volume = FORMATS[0].read_volume(Path(image))
+            except ScanError:
+                raise
+            except (ValueError, EOFError, OSError) as exc:  # voxels the header check could not foresee
+                raise RequestError(400, f"{Path(image).name}: not a readable NIfTI CT ({exc}); re-export it") from None
             read_s = time.monotonic() - start
             label_map = seg.segment_volume(volume, resolution=resolution)
     except ScanError as exc:
@@ -261,9 +294,14 @@ def body_refusal(method: str, content_length: str | None, chunked: bool, limit: 
     return None
 
 
-def loopback_hosts(port: int) -> list[str]:
-    """The Host header values a client of a loopback server on `port` sends."""
-    return [f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"]
+def loopback_hosts(port: int, host: str | None = None) -> list[str]:
+    """The Host header values a client of a loopback server on `port` sends; with `host` (the address it listens
+    on, e.g. 127.0.0.2 or ::1) that one's too, or every request to it would be refused as foreign."""
+    hosts = [f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"]
+    if host:
+        named = f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host.lower()}:{port}"
+        hosts += [named] if named not in hosts else []
+    return hosts
 
 
 def browser_refusal(host: str | None, origin: str | None, allowed_hosts: Sequence[str] | None) -> str | None:

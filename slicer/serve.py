@@ -71,9 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_token(path: Path | None) -> str | None:
     """The token of `path`, else $WHOLEBODY_MONAILABEL_TOKEN, else None. Raises ValueError for an empty
-    file or one with spaces."""
+    file, one with spaces, or one that other users may read or write (as ssh refuses such a key); OSError
+    for a file that cannot be read."""
     if path is None:
         return os.environ.get(protocol.TOKEN_ENV) or None
+    if not path.is_file():
+        raise ValueError(f"{path}: no such token file; write one: `python -c 'import secrets; "
+                         f"print(secrets.token_urlsafe(32))' > {path} && chmod 600 {path}`")
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        raise ValueError(f"{path}: readable by other users, who could then use the server; chmod 600 {path}")
     token = path.read_text().strip()
     if not token or any(c.isspace() for c in token):
         raise ValueError(f"{path}: the token must be one word; write e.g. `python -c 'import secrets; "
@@ -102,6 +108,12 @@ def command(args: argparse.Namespace, python: Path, app: Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.studies.exists() and not args.studies.is_dir():
+        log.error("error: --studies %s is a file; give the folder of NIfTI CTs (made when missing)", args.studies)
+        return 2
+    if not 0 < args.port < 65536:
+        log.error("error: --port %d is not a TCP port; give one in 1..65535 (e.g. 8010)", args.port)
+        return 2
     try:
         token = read_token(args.token_file)
     except (OSError, ValueError) as exc:
@@ -133,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env[protocol.TOKEN_ENV] = token
     env.pop(protocol.HOSTS_ENV, None)
     if is_loopback(args.host):
-        env[protocol.HOSTS_ENV] = ",".join(protocol.loopback_hosts(args.port))
+        env[protocol.HOSTS_ENV] = ",".join(protocol.loopback_hosts(args.port, args.host))
     body = protocol.max_body_bytes(limits)
     if body is not None:
         env[protocol.MAX_BODY_ENV] = str(body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -123,6 +124,62 @@ def test_merge_cli_makes_a_dataset_layout_that_evaluate_reads(tmp_path: Path, ca
     assert json.loads((tmp_path / "r.json").read_text())[0]["present"] == ["liver"]
 
 
+def test_merge_refuses_bad_masks_and_outputs_in_one_line_and_writes_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    liver = box_mask((2, 2, 2), (4, 4, 4))
+    soft = liver.astype(np.float32) * 0.8
+    soft[2, 2, 2] = 0.3
+    folder = subject(tmp_path / "s", {"liver": soft, "spleen": liver * 255, "livr": liver,
+                                      "aorta": box_mask((12, 2, 2), (2, 2, 2))[..., None]})  # [X, Y, Z, 1]: 3-D
+    report = merge_subject(folder, tmp_path / "ok.nii.gz")  # a soft mask and a 0/255 mask are binarised, noted
+    assert report.present == [LABEL["spleen"], LABEL["liver"], LABEL["aorta"]]
+    assert set(report.not_binary) == {"liver", "spleen"}
+    (folder / "segmentations" / "aorta.nii.gz").unlink()
+    assert "did you mean liver" in report.left_out["livr"]
+    out = tmp_path / "out.nii.gz"
+    for bad, match in ((liver * np.uint8(3) + box_mask((0, 0, 0), (1, 1, 1)), r"a label map, not one structure"),
+                       (np.where(liver > 0, np.nan, 0).astype(np.float32), "NaN"),
+                       (liver.astype(np.int16) - 1, "negative")):
+        save(bad, folder / "segmentations" / "spleen.nii.gz")
+        with pytest.raises(MergeError, match=r"spleen\.nii\.gz: .*" + match):
+            merge_subject(folder, out)
+    for name in ("spleen", "liver"):
+        (folder / "segmentations" / f"{name}.nii.gz").unlink()
+    with pytest.raises(MergeError, match=r"none of its 1 masks .*did you mean liver"):  # no all-zero label map
+        merge_subject(folder, out)
+    (folder / "segmentations" / "livr.nii.gz").unlink()
+    with pytest.raises(MergeError, match=r"segmentations: no masks"):
+        merge_subject(folder, out)
+    save(liver, folder / "segmentations" / "liver.nii.gz")
+    with pytest.raises(MergeError, match="is the subject's CT"):
+        merge_subject(folder, folder / "ct.nii.gz")
+    assert not out.exists() and nib.load(folder / "ct.nii.gz").get_data_dtype() == np.int16
+    # the CLI: one line and status 2 for an -o that cannot be a label file, before anything is read
+    (tmp_path / "folder").mkdir()
+    for output in (tmp_path / "folder", tmp_path / "labels"):
+        assert main(["merge", str(folder), "-o", str(output)]) == 2
+    assert main(["merge", str(folder), "-o", str(out), "--report", str(tmp_path / "folder")]) == 2
+    assert [r.message.count("\n") for r in caplog.records] == [0, 0, 0]
+    # a subject without ct.nii.gz in a dataset root is named, not silently dropped
+    (tmp_path / "ts" / "s2" / "segmentations").mkdir(parents=True)
+    subject(tmp_path / "ts" / "s1", {"liver": liver})
+    assert main(["merge", str(tmp_path / "ts"), "-o", str(tmp_path / "ds")]) == 1
+    assert "s2/ct.nii.gz: missing" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "ds").rglob("*")) == ["imagesTr", "labelsTr", "s1.nii.gz", "s1.nii.gz"]
+
+
+def test_merge_interrupted_leaves_no_half_written_file_nor_a_lone_image_link(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    subject(tmp_path / "ts" / "s1", {"liver": box_mask((2, 2, 2), (4, 4, 4))})
+
+    def interrupted(*args: object) -> None:  # Ctrl-C while the label map is being written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("wholebody.atomic.os.replace", interrupted)
+    assert main(["merge", str(tmp_path / "ts"), "-o", str(tmp_path / "ds")]) == 130
+    assert [p.name for p in (tmp_path / "ds").rglob("*") if not p.is_dir()] == []
+
+
 # --- metrics -------------------------------------------------------------------------------------------------
 
 
@@ -223,6 +280,52 @@ def test_evaluate_cli_writes_csv_json_plot_and_a_paired_comparison(tmp_path: Pat
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # the plot of nothing scored: no empty-axis or legend warning
+def test_evaluate_keeps_an_output_folder_consistent_and_earlier_results_when_nothing_can_be_scored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every structure absent on both sides (NaN everywhere), a rerun into a folder of an earlier --compare
+    run, then runs that can score nothing (no predictions, no server): earlier results stay as they were."""
+    save(np.full(SHAPE, -1000, np.int16), tmp_path / "ds" / "imagesTr" / "c1.nii.gz")
+    save(np.zeros(SHAPE, np.uint8), tmp_path / "ds" / "labelsTr" / "c1.nii.gz")
+    save(np.zeros(SHAPE, np.uint8), tmp_path / "empty_seg" / "c1_seg.nii.gz")
+    (tmp_path / "none").mkdir()
+    out, ds, empty = tmp_path / "eval", str(tmp_path / "ds"), str(tmp_path / "empty_seg")
+    assert main(["evaluate", ds, "-o", str(out), "-q", "--compare", f"folder={empty},name=a",
+                 f"folder={empty},name=b"]) == 0
+    assert (out / "comparison.csv").exists()
+    save(np.zeros((*SHAPE, 1), np.uint8), tmp_path / "empty_seg" / "c1_seg.nii.gz")  # [X, Y, Z, 1] is 3-D
+    assert main(["evaluate", ds, "-o", str(out), "-q", "--predictions", empty]) == 0
+    assert not (out / "comparison.csv").exists()  # the earlier run's table would contradict evaluation.json
+    document = json.loads((out / "evaluation.json").read_text())  # strict JSON: NaN written as null
+    assert document["variants"][0]["absent"] == 104 and document["variants"][0]["per_scan"][0]["mean_dice"] is None
+    assert {r["dice"] for r in csv.DictReader((out / "metrics.csv").open())} == {""}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["evaluate", ds, "-o", str(out), "-q", "--predictions", str(tmp_path / "none")]) == 1
+    assert main(["evaluate", ds, "-o", str(out), "-q", "-u", "127.0.0.1:1"]) == 2  # nothing can answer
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not (out / "predictions").exists()
+    assert main(["evaluate", ds, "-o", str(out / "metrics.csv"), "-q", "--predictions", empty]) == 2
+    assert "no scan was scored" in caplog.text and "127.0.0.1:1: no server answers" not in caplog.text
+    assert "variant default: no server answers" in caplog.text and "is a file" in caplog.text
+
+
+def test_an_interrupted_scorer_ends_its_worker_processes_at_once(tmp_path: Path) -> None:
+    """Ctrl-C with --score-workers 2 left the interpreter waiting for its workers at exit, for ever."""
+    from evaluation.datasets import Pair
+    from evaluation.evaluate import _Scorer
+
+    truth = save(box_mask((2, 2, 2), (8, 8, 8)) * np.uint8(LABEL["liver"]), tmp_path / "t.nii.gz")
+    reported: list[object] = []
+    scorer = _Scorer([Pair("c1", truth, truth)], EvaluationOptions(score_workers=2), reported.append)
+    scorer.submit("c1", truth, None)
+    processes = list(scorer.pool._processes.values())  # type: ignore[attr-defined]
+    assert processes
+    scorer.stop()
+    deadline = time.monotonic() + 10  # the pool's own thread may be the one reaping them, a moment later
+    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(p.is_alive() for p in processes) and reported == [], [(p, p.exitcode) for p in processes]
+
+
 # --- through a real server -----------------------------------------------------------------------------------
 
 
@@ -272,6 +375,19 @@ def test_ground_truth_equal_to_the_served_result_scores_dice_one(
                               EvaluationOptions())
     assert result.segmented == 0 and result.scans[0].error is None
     assert compare(result, result)["mean_difference"] == 0.0
+
+    # one image, two readers' labels (a list file): segmented once, scored against each
+    other = served.astype(np.uint8)
+    other[other == other.max()] = 0
+    save(other, tmp_path / "reader_b.nii.gz", image.affine)
+    (tmp_path / "pairs.csv").write_text(f"{small_real_ct},{ds / 'labelsTr' / 'abdomen.nii.gz'}\n"
+                                        f"{small_real_ct},reader_b.nii.gz\n")
+    out2 = tmp_path / "eval2"
+    assert main(["evaluate", str(tmp_path / "pairs.csv"), "-o", str(out2), "-u", server.grpc_url,
+                 "--resolution", "lowres", "-q"]) == 0
+    (variant,) = json.loads((out2 / "evaluation.json").read_text())["variants"]
+    assert (variant["segmented"], variant["scored"], variant["failed"]) == (1, 2, 0)
+    assert [s["mean_dice"] < 1.0 for s in variant["per_scan"]] == [False, True]
 
 
 def test_evaluate_names_a_ground_truth_on_another_grid_or_out_of_range_and_scores_the_rest(

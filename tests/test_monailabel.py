@@ -10,6 +10,8 @@ MONAI Label's virtualenv (slicer/monailabel_calls.py). The virtualenv is made on
 
 from __future__ import annotations
 
+import json
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
 
 from client.segmentation_client import ServerLimits
 from client.inputs import Header
@@ -71,6 +74,38 @@ def test_check_image_id_refuses(image_id: str) -> None:
     with pytest.raises(protocol.RequestError) as caught:
         protocol.check_image_id(image_id)
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("check", [protocol.check_session_id, protocol.check_label_tag])
+def test_session_ids_and_label_tags_are_plain_ids(check: object) -> None:
+    assert check("56caeb34-f25b-11f1-8573-02fc00000001") and check("final")
+    for bad in ("../victim", "/abs", "a/b", "..", ""):
+        with pytest.raises(protocol.RequestError) as caught:
+            check(bad)  # type: ignore[operator]
+        assert caught.value.status == 400
+
+
+def _patched_nifti(path: Path, offset: int, fmt: str, value: float) -> Path:
+    """A NIfTI of 8x8x8 voxels whose header field at `offset` (bytes, little-endian `fmt`) is `value`."""
+    raw = bytearray(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)).to_bytes())
+    raw[offset:offset + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("offset, fmt, value, words", [(42, "<h", -5, "dimension below 1"), (42, "<h", 0, "below 1"),
+                                                      (280, "<f", float("nan"), "NaN or zero"),
+                                                      (280, "<f", 0.0, "NaN or zero")])
+def test_read_header_refuses_a_corrupt_geometry(tmp_path: Path, offset: int, fmt: str, value: float, words: str) -> None:
+    """dim[1] (offset 42) and srow_x[0] (offset 280) of the NIfTI-1 header: caught at upload, not a 500 in infer."""
+    with pytest.raises(protocol.RequestError, match=words) as caught:
+        protocol.read_header(_patched_nifti(tmp_path / "ct.nii", offset, fmt, value))
+    assert caught.value.status == 400
+
+
+def test_loopback_hosts_include_the_address_listened_on() -> None:
+    assert "127.0.0.2:8010" in protocol.loopback_hosts(8010, "127.0.0.2")
+    assert protocol.loopback_hosts(8010, "::1") == protocol.loopback_hosts(8010)
 
 
 def test_authorized() -> None:
@@ -156,7 +191,19 @@ def test_serve_refuses_an_exposed_server_without_token(tmp_path: Path, monkeypat
     assert serve.main(["--studies", str(tmp_path), "--host", "0.0.0.0", "--dry-run"]) == 2
     empty = tmp_path / "token"
     empty.write_text("\n")
+    empty.chmod(0o600)
     assert serve.main(["--studies", str(tmp_path), "--token-file", str(empty), "--dry-run"]) == 2
+    shared = tmp_path / "shared-token"
+    shared.write_text("abc\n")
+    shared.chmod(0o644)  # others could read it and use the server
+    with pytest.raises(ValueError, match="chmod 600"):
+        serve.read_token(shared)
+    shared.chmod(0o600)
+    assert serve.read_token(shared) == "abc"
+    with pytest.raises(ValueError, match="no such token file"):
+        serve.read_token(tmp_path / "missing")
+    assert serve.main(["--studies", str(shared), "--dry-run"]) == 2  # a file, not a folder
+    assert serve.main(["--studies", str(tmp_path), "--port", "70000", "--dry-run"]) == 2
 
 
 # --- the real MONAI Label server in front of the real tritonserver ------------------------------------------
@@ -277,6 +324,46 @@ def test_callers_faults_are_4xx_and_the_server_keeps_serving(monailabel: MonaiLa
     [info] = monailabel.calls([{"method": "info"}])
     assert info["ok"]
     assert not [p.name for p in (monailabel.work_dir / "tmp").rglob("*.nii*")]
+
+
+def test_hostile_ids_headers_and_params_are_4xx_and_leave_nothing_behind(monailabel: MonaiLabelServer,
+                                                                         example_ct: Path, tmp_path: Path) -> None:
+    """Requests Slicer never sends, sent as raw HTTP: path characters in a session id and a label tag (MONAI Label
+    joins both to its folders: the session's would be removed with rmtree, the label written anywhere), a label
+    that is no NIfTI, params that are not JSON, a corrupt header, and an uploaded file whose infer fails."""
+    url, auth = monailabel.url, {"Authorization": f"Bearer {TOKEN}"}
+    victim = monailabel.work_dir / "victim"  # a folder outside the sessions folder that looks like a session
+    victim.mkdir()
+    (victim / "meta.info").write_text(json.dumps({"name": "v", "path": str(victim), "image": "/gone.nii.gz"}) + "\n")
+    answer = requests.post(f"{url}/infer/wholebody_lowres", params={"session_id": "../victim"},
+                           data={"params": "{}"}, headers=auth, timeout=60)
+    assert answer.status_code == 400 and victim.exists(), answer.text
+    with example_ct.open("rb") as ct:
+        assert requests.put(f"{url}/datastore/image", params={"image": "hostile"}, files={"file": ("h.nii.gz", ct)},
+                            headers=auth, timeout=300).status_code == 200
+    for tag, name, data in (("../../escaped", "l.nii.gz", example_ct.read_bytes()), ("final", "x.sh", b"#!/bin/sh\n")):
+        answer = requests.put(f"{url}/datastore/label", params={"image": "hostile", "tag": tag},
+                              files={"label": (name, data)}, data={"params": "{}"}, headers=auth, timeout=300)
+        assert answer.status_code == 400 and "\n" not in answer.json()["detail"], answer.text
+    assert not list(monailabel.studies.parent.rglob("escaped*"))
+    assert not [p for p in (monailabel.studies / "labels").rglob("*") if p.is_file()]
+    answer = requests.post(f"{url}/infer/wholebody_lowres", params={"image": "hostile"}, data={"params": "{oops"},
+                           headers=auth, timeout=60)
+    assert answer.status_code == 400 and "not JSON" in answer.json()["detail"], answer.text
+    answer = requests.post(f"{url}/infer/wholebody_lowres", params={"image": "hostile", "output": "dicom_seg"},
+                           data={"params": "{}"}, headers=auth, timeout=60)
+    assert answer.status_code == 400 and "dicom-seg" in answer.json()["detail"], answer.text
+    corrupt = _patched_nifti(tmp_path / "corrupt.nii", 42, "<h", -5)
+    two_d = tmp_path / "two_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), two_d)
+    answer = requests.put(f"{url}/session/", files={"files": ("c.nii", corrupt.read_bytes())}, headers=auth, timeout=60)
+    assert answer.status_code == 400 and "corrupt header" in answer.json()["detail"], answer.text
+    for upload in (corrupt, two_d):  # POST /infer with the file itself: refused, and the upload removed
+        answer = requests.post(f"{url}/infer/wholebody_lowres", files={"file": (upload.name, upload.read_bytes())},
+                               data={"params": "{}"}, headers=auth, timeout=60)
+        assert answer.status_code == 400, answer.text
+    assert not [p.name for p in (monailabel.work_dir / "tmp").rglob("*.nii*")]
+    assert monailabel.calls([{"method": "info"}])[0]["ok"]
 
 
 def test_slicer_login_with_the_token_as_password(monailabel: MonaiLabelServer) -> None:

@@ -37,6 +37,18 @@ HOSTS = [h.strip().lower() for h in os.environ[protocol.HOSTS_ENV].split(",")] i
 MAX_LOGIN_BYTES = 4096  # the form of POST /auth/token
 
 
+async def _params_not_json(request: Any, exc: json.JSONDecodeError) -> Any:
+    """MONAI Label's endpoints json.loads the `params` form field as they are; a caller's broken JSON would be a
+    500 with a traceback in the log. It is the caller's fault: 400, one line."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": f"params is not JSON ({exc.msg} at character {exc.pos}); send a JSON object"},
+                        status_code=400)
+
+
+monailabel_app.add_exception_handler(json.JSONDecodeError, _params_not_json)
+
+
 async def _answer(send: Send, status: int, body: dict, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
@@ -92,6 +104,10 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     reason = protocol.refused_route(method, path)
     if reason:
         return await _answer(send, 403, {"detail": reason})
+    if path.startswith("/infer") and "dicom_seg" in parse_qs(scope.get("query_string", b"").decode("latin-1")).get(
+            "output", []):  # MONAI Label answers it with a 500: it makes DICOM-SEG only from a DICOMweb datastore
+        return await _answer(send, 400, {"detail": "output=dicom_seg needs a DICOMweb datastore; ask for output=image "
+                                                   "or all, or use python -m client --output-type dicom-seg"})
     refusal = protocol.body_refusal(method, headers.get("content-length"),
                                     "chunked" in headers.get("transfer-encoding", "").lower(), MAX_BODY)
     if refusal:

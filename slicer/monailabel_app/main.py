@@ -79,6 +79,19 @@ class CheckedDatastore(LocalDatastore):
             raise _http(exc) from None
         return super().add_image(image_id, image_filename, image_info)
 
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """PUT /datastore/label (Slicer's *Submit Label*): MONAI Label writes the file to labels/<tag>/<image id>
+        <extension of the uploaded name>, so a tag such as ../../x would put any file anywhere: the tag must be
+        a plain id and the label a NIfTI file (400 otherwise, the upload removed)."""
+        try:
+            protocol.check_label_tag(label_tag)
+            protocol.read_header(Path(label_filename), f"label for {image_id}")
+        except protocol.RequestError as exc:
+            if protocol.inside(label_filename, [protocol.upload_root()]):
+                Path(label_filename).unlink(missing_ok=True)
+            raise _http(exc) from None
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
 
 class CheckedSessions(Sessions):
     """Sessions (PUT /session/, what the Slicer module uploads a local volume with): one NIfTI CT each."""
@@ -94,6 +107,24 @@ class CheckedSessions(Sessions):
             shutil.rmtree(os.path.dirname(data_file) if os.path.isfile(data_file) else data_file, ignore_errors=True)
             raise _http(exc) from None
         return super().add_session(data_file, expiry, uncompress, session_id)
+
+    def get_session(self, session_id: str, update_ts: bool = True, fetch_cache: bool = True):
+        """A session by id. MONAI Label joins the id to its sessions folder and removes a session whose image is
+        gone (rmtree), so an id with path characters (infer's ?session_id=../x) would read, rewrite or delete a
+        folder outside it: such ids are refused with 400."""
+        self._check(session_id)
+        return super().get_session(session_id, update_ts, fetch_cache)
+
+    def remove_session(self, session_id: str) -> None:
+        self._check(session_id)
+        super().remove_session(session_id)
+
+    @staticmethod
+    def _check(session_id: str) -> None:
+        try:
+            protocol.check_session_id(str(session_id))
+        except protocol.RequestError as exc:
+            raise _http(exc) from None
 
 
 class WholebodyApp(MONAILabelApp):
@@ -141,4 +172,13 @@ class WholebodyApp(MONAILabelApp):
             raise _http(protocol.RequestError(400, "no image: give ?image=<id>, a session_id or a file"))
         if os.path.exists(image) and not protocol.inside(image, self.image_roots()):
             raise _http(protocol.RequestError(403, "the image must be an id of the datastore, a session or an upload"))
-        return super().infer(request, datastore)
+        try:
+            return super().infer(request, datastore)
+        except BaseException:
+            # MONAI Label removes a request's uploaded file (POST /infer with a file) only after an answer
+            # without error: a refused or failed one would stay in the upload folder
+            for key in ("image", "label"):
+                upload = request.get(key)
+                if isinstance(upload, str) and os.path.isfile(upload) and protocol.inside(upload, [protocol.upload_root()]):
+                    Path(upload).unlink(missing_ok=True)
+            raise
