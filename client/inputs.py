@@ -242,7 +242,12 @@ class NiftiFormat:
             shape = shape[:-1]
         if len(shape) != 3:
             raise ScanError(f"expected a 3-D CT volume, got shape {list(header.get_data_shape())}")
+        if min(shape) < 1:  # would only fail later, in the server, as a bad request of another kind
+            raise ScanError(f"corrupt header: shape {list(shape)} (a dimension below 1); re-export the CT")
         affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+        if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+            raise ScanError("corrupt header: the voxel geometry (pixdim or orientation) is NaN or zero; "
+                            "re-export the CT")
         return Header(shape=shape, affine=affine)  # type: ignore[arg-type]
 
     def read_header(self, path: Path, part: str | None = None) -> Header:

@@ -123,7 +123,7 @@ def read_header(path: Path, name: str | None = None) -> Header:
     """The NIfTI header of an uploaded or stored CT; `name` (default: the file's) names it in errors.
 
     Raises RequestError(400): not a 3-D NIfTI volume, or a header with a dimension below 1 or a NaN or
-    singular voxel geometry."""
+    singular voxel geometry (the client's own reader, client.inputs.NiftiFormat, checks both)."""
     path = Path(path)
     name = name or path.name
     if path.is_dir() or not path.name.lower().endswith(UPLOAD_SUFFIXES):
@@ -135,14 +135,6 @@ def read_header(path: Path, name: str | None = None) -> Header:
         raise RequestError(400, f"{name}: {exc}") from None
     except (OSError, EOFError, ValueError) as exc:
         raise RequestError(400, f"{name}: not a readable NIfTI file ({exc})") from None
-    # the client's reader takes the header's numbers as they are: a dimension of 0 or below, or a NaN or
-    # singular geometry (pixdim 0), would only fail later, inside infer, as a server error
-    if min(header.shape) < 1:
-        raise RequestError(400, f"{name}: corrupt header: shape {list(header.shape)} (a dimension below 1); "
-                                "re-export the CT")
-    if not np.isfinite(header.affine).all() or abs(float(np.linalg.det(header.affine[:3, :3]))) < 1e-12:
-        raise RequestError(400, f"{name}: corrupt header: voxel geometry (pixdim or orientation) is NaN or zero; "
-                                "re-export the CT")
     return header
 
 

@@ -136,6 +136,10 @@ def test_cli_segments_a_folder_and_skips_bad_files(
     (scans / "garbage.nii.gz").write_bytes(b"not a nifti file at all")
     nib.save(nib.Nifti1Image(np.zeros((10, 10), np.int16), np.eye(4)), scans / "flat.nii.gz")
     nib.save(nib.Nifti1Image(np.full((10, 10, 10), np.nan, np.float32), np.eye(4)), scans / "nan.nii.gz")
+    raw = bytearray(nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), np.eye(4)).to_bytes())
+    raw[280:284] = np.float32(0.0).tobytes()  # srow_x[0]: a zero voxel size in the sform nibabel cannot write
+    (scans / "flat_px.nii").write_bytes(bytes(raw))
+    nib.save(nib.Nifti1Image(np.zeros((0, 10, 10), np.int16), np.eye(4)), scans / "empty.nii.gz")
     (scans / "notes.txt").write_text("ignored")
     out = tmp_path / "labels"
     with caplog.at_level(logging.ERROR):
@@ -146,6 +150,8 @@ def test_cli_segments_a_folder_and_skips_bad_files(
     assert "garbage.nii.gz: not a readable NIfTI file" in errors
     assert "flat.nii.gz: expected a 3-D CT volume" in errors
     assert "nan.nii.gz: image has 1,000 NaN or infinite voxels" in errors
+    assert "flat_px.nii: corrupt header: the voxel geometry (pixdim or orientation) is NaN or zero" in errors
+    assert "empty.nii.gz: corrupt header: shape [0, 10, 10] (a dimension below 1)" in errors
     labels = nib.load(out / "good_a_seg.nii.gz")
     assert labels.get_data_dtype() == np.uint8 and labels.shape == (40, 36, 30)
     # an existing output is kept (the scan is skipped: success) unless --overwrite
