@@ -32,8 +32,9 @@ def test_retry_of_an_unknown_id_says_which_id_it_wants(tmp_path: Path) -> None:
         pass
     result = router("retry", "6905cc75", "--state-dir", str(tmp_path))
     assert result.returncode == 1
-    assert "6905cc75: not a done/held/failed/ignored series" in result.stderr
-    assert "full series ID (orthanc_id in `python -m router status --json`)" in result.stderr
+    assert "6905cc75: no series of" in result.stderr and "starts with it" in result.stderr
+    assert "see the IDs in brackets in `python -m router status` (or orthanc_id in `status --json`)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_seg_encoding_is_refused_before_the_router_starts(tmp_path: Path) -> None:
