@@ -62,7 +62,7 @@ def missing_weights(model_repository: Path, models: list[str], config_name: str 
     `network_def.json` and the checkpoint their config (`configs/<config_name>.pbtxt` where it exists, as
     Triton reads it) names. The same files wholebody.torch_network needs at load, read without torch (whose
     import alone takes seconds here). Raises OSError / text_format.ParseError for an unreadable config."""
-    from wholebody.served_models import config_parameters, config_path, is_torch_network_model
+    from wholebody.served_models import config_parameters, config_path, holds_bundle, is_torch_network_model
 
     missing = []
     for name in models:
@@ -70,9 +70,7 @@ def missing_weights(model_repository: Path, models: list[str], config_name: str 
             continue
         model_dir = Path(model_repository) / name
         checkpoint = config_parameters(config_path(model_dir, config_name)).get("checkpoint", "")
-        version_dir = model_dir / "1"
-        files = (version_dir / "network_def.json", version_dir / checkpoint)
-        if not checkpoint or not all(f.is_file() for f in files):
+        if not holds_bundle(model_dir / "1", checkpoint):
             missing.append(name)
     return missing
 

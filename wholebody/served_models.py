@@ -80,6 +80,13 @@ def sliding_window_placement(model_repository: Path, config_name: str | None) ->
     return config_parameters(config_path(Path(model_repository) / SLIDING_WINDOW, config_name)).get("placement") or "bls"
 
 
+def holds_bundle(version_dir: Path, checkpoint: str) -> bool:
+    """Whether a torch network model's version folder holds an installed bundle: `network_def.json` and the
+    checkpoint file its config names (`checkpoint` parameter; "" never does). Read without torch."""
+    files = (version_dir / "network_def.json", version_dir / checkpoint)
+    return bool(checkpoint) and all(f.is_file() for f in files)
+
+
 def is_torch_network_model(name: str) -> bool:
     """segresnet_<resolution>_torch_<precision>: served by the Python backend from the checkpoint."""
     return name.startswith("segresnet_") and name.endswith(TORCH_VARIANTS)

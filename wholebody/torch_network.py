@@ -32,7 +32,7 @@ from google.protobuf import text_format
 from wholebody.bundle import build_network, load_checkpoint
 from wholebody.contract import IN_CHANNELS, ROI_SIZE, TORCH_VARIANTS, TRT_VARIANTS
 from wholebody.layout import channels_last
-from wholebody.served_models import model_config, parameters_of
+from wholebody.served_models import holds_bundle, model_config, parameters_of
 from wholebody.validation import (
     ConfigError,
     choice_parameter,
@@ -222,8 +222,7 @@ def installed_torch_network(
         checkpoint = NetworkSettings.from_parameters(model_parameters(config)).checkpoint
     except (ValueError, text_format.ParseError):  # a bad or non-torch config: not servable in-process
         return False
-    version_dir = Path(repository) / model_name / version
-    return (version_dir / "network_def.json").exists() and (version_dir / checkpoint).exists()
+    return holds_bundle(Path(repository) / model_name / version, checkpoint)
 
 
 class NetworkCache:
